@@ -1,0 +1,33 @@
+# Every target sets up what it needs: a fresh machine only needs python3.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export LLMOS_HOME ?= $(HOME)/.llmos
+
+.PHONY: run test setup model bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch 2.13.0 explicitly: its CPU build lies on this disk; an unpinned torch pulls CUDA.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: $(STAMP)
+	$(BIN)/llmos pull smollm2-135m
+
+run: model
+	$(BIN)/llmos chat
+
+test: model
+	$(BIN)/python -m pytest -q tests
+
+bench: model
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV)
