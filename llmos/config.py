@@ -1,0 +1,66 @@
+"""Engine settings as one plain dataclass, with memory sizes given as text ("1GiB")."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmos.errors import InvalidRequestError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+}
+
+
+def parse_size(value: int | float | str, name: str = "size") -> int:
+    """Bytes from an int or a string such as "512MiB", "1GiB", "2GB"."""
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{name}: expected a size such as '1GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise InvalidRequestError(f"{name}: must be positive, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InvalidRequestError(f"{name}: expected a size such as '1GiB' or '512MB', got {value!r}")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise InvalidRequestError(f"{name}: must be positive, got {value!r}")
+    return n
+
+
+def llmos_home() -> Path:
+    """Root of the model store and caches: $LLMOS_HOME, else ~/.llmos."""
+    return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".llmos").expanduser()
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"
+    kv_cache_memory: int | str = "1GiB"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    seed: int = 0
+    num_threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InvalidRequestError(f"{name}: must be a positive integer, got {v!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device == "auto":
+            import torch
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
