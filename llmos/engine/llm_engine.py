@@ -1,0 +1,205 @@
+"""The engine: admits requests, runs scheduler -> model runner -> sampler once per step,
+and turns sampled tokens into text, stop decisions and finished outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llmos.config import EngineConfig
+from llmos.engine.block_manager import BlockManager
+from llmos.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from llmos.engine.model_runner import ModelRunner
+from llmos.engine.sampler import Sampler, SamplingRow, make_generator
+from llmos.engine.scheduler import Scheduler
+from llmos.engine.sequence import Sequence, SequenceStatus
+from llmos.errors import InvalidRequestError, PromptTooLongError
+from llmos.models.loader import load_model
+from llmos.outputs import RequestOutput, StreamDelta, TokenLogprob
+from llmos.sampling_params import SamplingParams
+
+log = logging.getLogger("llmos.engine")
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    deltas: list[StreamDelta] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        loaded = load_model(config.model)
+        self.model_name = loaded.name
+        self.model_config = cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.runner = ModelRunner(cfg, loaded.weights, block_size=config.block_size,
+                                  kv_cache_memory=config.kv_cache_memory, max_model_len=self.max_model_len,
+                                  device=config.device, dtype=config.dtype)
+        del loaded
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        self.num_steps = 0
+        self.tokens_generated = 0
+        self.tokens_prefilled = 0
+
+    # -- requests --------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int] | list[dict]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not prompt:
+                raise InvalidRequestError("prompt: must not be empty")
+            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt: token ids must be in [0, {self.model_config.vocab_size}), got {bad[:5]}")
+            return None, list(prompt)
+        raise InvalidRequestError(
+            f"prompt: expected a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
+
+    def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, tenant: str = "default", priority: int = 0) -> Sequence:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+        text, ids = self.encode_prompt(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt: encodes to zero tokens")
+        self.check_fits(len(ids), params.max_tokens)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise InvalidRequestError(f"request_id: {rid!r} is already in use")
+        seq = Sequence(rid, text, ids, params, make_generator(params.seed, self._rng.getrandbits(63)),
+                       tenant=tenant, priority=priority)
+        self.requests[rid] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids),
+                                      StopChecker(params.stop, params.include_stop_str_in_output))
+        self.scheduler.add(seq)
+        return seq
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt: {prompt_len} prompt tokens + max_tokens {max_tokens} = {total} exceeds the model's "
+                f"context length of {self.max_model_len} tokens")
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        if total > capacity:
+            raise PromptTooLongError(
+                f"prompt: {prompt_len} prompt tokens + max_tokens {max_tokens} = {total} can never fit the KV "
+                f"cache of {capacity} tokens (kv_cache_memory={self.config.kv_cache_memory} bytes)")
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None or req.seq.is_finished:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ---------------------------------------------------------------------
+    def step(self) -> list[StreamDelta]:
+        """One iteration: schedule, run one forward pass, sample, detokenize. Returns the
+        deltas of every request that produced text or finished in this step."""
+        out: list[StreamDelta] = []
+        batch = self.scheduler.schedule()
+        if batch:
+            now = time.time()
+            for item in batch:
+                if item.seq.metrics.first_scheduled_time is None:
+                    item.seq.metrics.first_scheduled_time = now
+            logits = self.runner.execute(batch)
+            samplers = [item for item in batch if item.samples]
+            rows = [SamplingRow(i.seq.params, i.seq.prompt_token_ids, i.seq.output_token_ids, i.seq.generator)
+                    for i in samplers]
+            sampled = self.sampler.sample(logits, rows) if rows else []
+            self.num_steps += 1
+            for item in batch:
+                seq = item.seq
+                start = seq.num_computed_tokens
+                seq.num_computed_tokens += item.num_new_tokens
+                self.block_manager.register_full_blocks(seq, start)
+                if len(seq.output_token_ids) == 0 or start < len(seq) - 1:
+                    self.tokens_prefilled += item.num_new_tokens
+            now = time.time()
+            for item, tok in zip(samplers, sampled):
+                self._append_token(self.requests[item.seq.request_id], tok, now)
+        for req in list(self.requests.values()):
+            if req.deltas:
+                out.extend(req.deltas)
+                req.deltas = []
+            if req.seq.is_finished:
+                del self.requests[req.seq.request_id]
+        return out
+
+    def _append_token(self, req: _Request, tok, now: float) -> None:
+        seq, params = req.seq, req.seq.params
+        seq.output_token_ids.append(tok.token_id)
+        self.tokens_generated += 1
+        m = seq.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+            m.num_cached_tokens = seq.num_cached_tokens
+        m.last_token_time = now
+        lp = None
+        if params.logprobs is not None:
+            name = self.tokenizer.id_to_token
+            lp = TokenLogprob(tok.token_id, name(tok.token_id), tok.logprob,
+                              [(t, name(t), v) for t, v in (tok.top_logprobs or [])])
+            seq.logprobs.append(lp)
+        reason = stop_reason = None
+        if tok.token_id in self.eos_token_ids and not params.ignore_eos:
+            reason, stop_reason = "stop", tok.token_id
+        elif tok.token_id in params.stop_token_ids:
+            reason, stop_reason = "stop", tok.token_id
+        if reason is None:
+            delta, matched = req.stop.feed(req.detok.push([tok.token_id]))
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+            elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
+                reason = "length"
+                delta += req.stop.flush()
+        else:
+            delta = req.stop.flush()
+        seq.output_text += delta
+        req.deltas.append(StreamDelta(seq.request_id, delta, [tok.token_id], False, None, [lp] if lp else None))
+        if reason is not None:
+            seq.stop_reason = stop_reason
+            self._finish(req, reason)
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        seq = req.seq
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.metrics.finished_time = time.time()
+        if req.deltas:
+            last = req.deltas[-1]
+            last.finished, last.finish_reason = True, reason
+        else:
+            req.deltas.append(StreamDelta(seq.request_id, "", [], True, reason))
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_text, list(seq.output_token_ids),
+                             seq.is_finished, seq.finish_reason, seq.metrics, seq.logprobs, seq.stop_reason)

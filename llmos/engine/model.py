@@ -1,0 +1,153 @@
+"""Llama-family transformer (Llama, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+
+The forward pass takes every scheduled token of every sequence flattened into one
+[T, hidden] batch, so the GEMMs never see padding; only attention groups tokens by
+sequence. q/k/v and gate/up projections are fused into one GEMM each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmos.engine.paged_attention import paged_decode_attention
+from llmos.models.config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """How this step's flat tokens map onto sequences and KV slots (shared by all layers)."""
+    slot_mapping: torch.Tensor                 # [T] slot index for each new token's K/V
+    # Decode group: sequences contributing exactly one query token.
+    decode_token_idx: torch.Tensor | None      # [Bd] positions in the flat batch
+    decode_block_tables: torch.Tensor | None   # [Bd, max_blocks] (padded with 0)
+    decode_context_lens: torch.Tensor | None   # [Bd]
+    block_size: int
+    # Prefill chunks: one entry per sequence with several query tokens.
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (start, end, slots [L], mask [q, L] or None=causal)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":
+        factor = float(sc["factor"])
+        low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old = float(sc.get("original_max_position_embeddings", 8192))
+        low_wl, high_wl = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv
+
+
+class Transformer(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = H * D, KVH * D
+        self.n_rep = H // KVH
+        self.scale = 1.0 / math.sqrt(D)
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype)
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.final_norm = w("model.norm.weight")
+        self.layers: list[dict[str, torch.Tensor | None]] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            qkv_b = None
+            if cfg.attention_bias:
+                qkv_b = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
+            self.layers.append({
+                "in_norm": w(p + "input_layernorm.weight"),
+                "qkv": torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
+                "qkv_b": qkv_b,
+                "o": w(a + "o_proj.weight"),
+                "post_norm": w(p + "post_attention_layernorm.weight"),
+                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                "down": w(p + "mlp.down_proj.weight"),
+            })
+        inv = rope_inv_freq(cfg)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H, D]; caches: [slots, KVH, D]. Returns [T, H*D]."""
+        T = q.shape[0]
+        H, D, KVH, R = self.cfg.num_heads, self.cfg.head_dim, self.cfg.num_kv_heads, self.n_rep
+        out = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
+        if meta.decode_token_idx is not None:
+            idx = meta.decode_token_idx
+            B = idx.shape[0]
+            o = paged_decode_attention(q[idx], k_cache, v_cache, meta.decode_block_tables,
+                                       meta.decode_context_lens, meta.block_size, self.scale)
+            out[idx] = o.reshape(B, H * D)
+        for start, end, slots, mask in meta.prefills:
+            L = end - start
+            qp = q[start:end].transpose(0, 1).reshape(KVH, R * L, D)
+            kp = k_cache[slots].transpose(0, 1)                   # [KVH, ctx, D]
+            vp = v_cache[slots].transpose(0, 1)
+            if mask is None:   # fresh prompt: plain causal over its own tokens
+                o = F.scaled_dot_product_attention(qp.view(KVH * R, L, D), kp.repeat_interleave(R, 0),
+                                                   vp.repeat_interleave(R, 0), is_causal=True, scale=self.scale)
+            else:
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+            out[start:end] = o.reshape(H, L, D).transpose(0, 1).reshape(L, H * D)
+        return out
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, sample_idx: torch.Tensor) -> torch.Tensor:
+        """Runs all layers on the flat batch; returns float32 logits for the rows in sample_idx."""
+        T = input_ids.shape[0]
+        H, KVH, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        x = F.embedding(input_ids, self.embed)
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = self._norm(x, layer["in_norm"])
+            qkv = F.linear(h, layer["qkv"], layer["qkv_b"])
+            q = qkv[:, :self.q_size].view(T, H, D)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, KVH, D)
+            v = qkv[:, self.q_size + self.kv_size:].view(T, KVH, D)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v)
+            x = x + F.linear(self._attention(q, k_cache, v_cache, meta), layer["o"])
+            h = self._norm(x, layer["post_norm"])
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        h = self._norm(x[sample_idx], self.final_norm)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,108 @@
+"""Turns a scheduled batch into tensors, runs the transformer, and owns the KV pool memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmos.engine.model import AttentionMetadata, Transformer
+from llmos.engine.sequence import Sequence
+from llmos.models.config import ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int            # tokens to compute this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step finishes the sequence's known tokens, so a next token is due."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, block_size: int,
+                 kv_cache_memory: int, max_model_len: int, device: str, dtype: str) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.block_size = block_size
+        self.model = Transformer(cfg, weights, max_model_len, self.device, self.dtype)
+        self.num_blocks = max(1, kv_cache_memory // kv_bytes_per_block(cfg, block_size, self.dtype))
+        slots = self.num_blocks * block_size
+        # One flat [slots, KVH, D] tensor per layer for K and for V; slot = block * size + offset.
+        self.kv_caches = [
+            (torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device),
+             torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_layers)
+        ]
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        sample_idx: list[int] = []
+        dec_idx: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        R = self.cfg.num_heads // self.cfg.num_kv_heads
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + n
+            flat_start = len(input_ids)
+            tokens = seq.token_ids
+            input_ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            new_slots = self._slots(seq, start, end)
+            slot_mapping.extend(new_slots)
+            if n == 1:
+                dec_idx.append(flat_start)
+                dec_tables.append(seq.block_table)
+                dec_lens.append(end)
+            else:
+                ctx = torch.tensor(self._slots(seq, 0, start) + new_slots, dtype=torch.long)
+                mask = None
+                if start > 0:
+                    q_pos = torch.arange(start, end).unsqueeze(1)
+                    k_pos = torch.arange(end).unsqueeze(0)
+                    mask = torch.zeros(n, end, dtype=self.dtype).masked_fill_(k_pos > q_pos, float("-inf"))
+                    mask = mask.repeat(R, 1).to(self.device)
+                prefills.append((flat_start, flat_start + n, ctx.to(self.device), mask))
+            if item.samples:
+                sample_idx.append(len(input_ids) - 1)
+        dev = self.device
+        dec_token_idx = dec_bt = dec_cl = None
+        if dec_idx:
+            width = max(len(t) for t in dec_tables)
+            dec_bt = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.long, device=dev)
+            dec_cl = torch.tensor(dec_lens, dtype=torch.long, device=dev)
+            dec_token_idx = torch.tensor(dec_idx, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+            decode_token_idx=dec_token_idx, decode_block_tables=dec_bt, decode_context_lens=dec_cl,
+            block_size=self.block_size, prefills=prefills)
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta,
+                torch.tensor(sample_idx, dtype=torch.long, device=dev))
+
+    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """One forward pass for the whole batch; float32 logits on the CPU, one row per
+        sequence that samples this step, in batch order."""
+        input_ids, positions, meta, sample_idx = self.prepare(batch)
+        logits = self.model(input_ids, positions, self.kv_caches, meta, sample_idx)
+        return logits.cpu()
