@@ -13,6 +13,8 @@ _MAX_PENDING_TOKENS = 4
 
 
 class Decoder(Protocol):
+    """All the detokenizer needs of a tokenizer; transformers' and llmos' own both fit."""
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 from typing import NamedTuple
 
 import torch
@@ -30,11 +29,23 @@ class SampledToken(NamedTuple):
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def _flatten(lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) of every token in per-row id lists, for one scatter."""
-    rows = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(ids) for ids in lists]))
-    ids = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long)
-    return rows.to(device), ids.to(device)
+def _positions(token_lists: list[list[int]], rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into a [batch, vocab] tensor of each row's tokens."""
+    parts = [torch.tensor(ids, dtype=torch.long) + row * vocab for ids, row in zip(token_lists, rows)]
+    return torch.cat(parts).to(device)
+
+
+def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows], without the copy when rows is every row in order."""
+    return t if len(rows) == t.shape[0] else t[rows]
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: column where each row's running sum of weights first exceeds u x total."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)
 
 
 def make_generator(seed: int | None, fallback_seed: int) -> torch.Generator:
@@ -45,8 +56,9 @@ def make_generator(seed: int | None, fallback_seed: int) -> torch.Generator:
 
 
 class Sampler:
-    """Penalties, then greedy argmax or temperature / top_k / top_p / min_p sampling.
+    """Penalties, then per row greedy argmax, or temperature, top_k, top_p, min_p and a draw.
 
+    Work is skipped for features no row in the batch uses; an all-greedy batch is one argmax.
     Random rows are drawn by inverse CDF: one uniform per row per step from the row's own
     generator, located in the cumulative sum of the row's filtered probabilities taken in
     token-id order. Every cut is a probability threshold derived from the row's values alone,
@@ -65,82 +77,103 @@ class Sampler:
             greedy_rows = [i for i, p in enumerate(params) if p.greedy]
             if greedy_rows:
                 token_ids[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
-            token_ids[random_rows] = self._sample_random(logits[random_rows], [rows[i] for i in random_rows])
+            token_ids[random_rows] = self._sample_random(_take(logits, random_rows), [rows[i] for i in random_rows])
         ids = token_ids.tolist()
         logprobs = self._logprobs(raw, token_ids, params)
         return [SampledToken(t, *logprobs.get(i, (None, None))) for i, t in enumerate(ids)]
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """HF repetition penalty over prompt + output, OpenAI presence/frequency over output."""
-        idx = [i for i, r in enumerate(rows)
-               if r.params.repetition_penalty != 1.0 or r.params.presence_penalty != 0.0
-               or r.params.frequency_penalty != 0.0]
-        if not idx:
-            return logits
-        sub = [rows[i] for i in idx]
-        dev = logits.device
-        x = logits[idx]
-        counts = torch.zeros_like(x)
-        out_rows, out_ids = _flatten([r.output_token_ids for r in sub], dev)
-        counts.index_put_((out_rows, out_ids), torch.ones(len(out_ids), device=dev), accumulate=True)
+        """HF repetition penalty over prompt + output, OpenAI presence/frequency over output.
 
-        rep = torch.tensor([r.params.repetition_penalty for r in sub], device=dev).unsqueeze(1)
-        if (rep != 1.0).any():
-            seen = counts > 0
-            seen[_flatten([r.prompt_token_ids for r in sub], dev)] = True
-            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-        freq = torch.tensor([r.params.frequency_penalty for r in sub], device=dev).unsqueeze(1)
-        presence = torch.tensor([r.params.presence_penalty for r in sub], device=dev).unsqueeze(1)
-        x = x - freq * counts - presence * (counts > 0)
-        logits = logits.clone()
-        logits[idx] = x
+        Works on the (row, token) pairs that occurred, so the cost follows the number of
+        tokens seen, not the vocabulary; the caller's logits are left as they were.
+        """
+        def column(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(r.params, name) for r in rows], device=logits.device)
+
+        repeated = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+        counted = [i for i, r in enumerate(rows)
+                   if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
+        if not repeated and not counted:
+            return logits
+        vocab = logits.shape[1]
+        logits = logits.clone(memory_format=torch.contiguous_format)
+        flat = logits.view(-1)
+        if repeated:
+            seen = _positions([rows[i].prompt_token_ids + rows[i].output_token_ids for i in repeated],
+                              repeated, vocab, logits.device).unique()
+            penalty = column("repetition_penalty")[seen // vocab]
+            score = flat[seen]
+            flat[seen] = torch.where(score > 0, score / penalty, score * penalty)
+        if counted:
+            seen, counts = _positions([rows[i].output_token_ids for i in counted],
+                                      counted, vocab, logits.device).unique(return_counts=True)
+            row = seen // vocab
+            flat[seen] -= column("frequency_penalty")[row] * counts + column("presence_penalty")[row]
         return logits
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
+        params = [r.params for r in rows]
+        (n, vocab), dev = logits.shape, logits.device
+        temperature = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
         probs = torch.softmax(logits / temperature, dim=-1)
-        floor = self._cutoffs(probs, [r.params for r in rows])
-        if floor is not None:
-            probs = probs.mul_(probs >= floor.unsqueeze(1))
-        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-        u = torch.cat([torch.rand(1, generator=r.generator, dtype=torch.float64) for r in rows]).to(cdf.device)
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-        return picked.clamp_(max=probs.shape[1] - 1)
+        u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(dev)
+        picked = torch.empty(n, dtype=torch.long, device=dev)
+        floor = torch.zeros(n, device=dev)
+        rest = list(range(n))
+        filtered = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0]
+        if filtered:
+            at, sub = torch.tensor(filtered, device=dev), _take(probs, filtered)
+            sub_params = [params[i] for i in filtered]
+            k = min(vocab, max(_NUCLEUS_GUESS, max(p.top_k for p in sub_params) + 1))
+            vals, ids = sub.topk(k, dim=-1)
+            min_p = torch.tensor([p.min_p for p in sub_params], device=dev)
+            floor[at] = torch.maximum(min_p * vals[:, 0], self._nucleus_cut(sub, vals, sub_params))
+            # Where every kept token is among the candidates, draw among them alone: in token
+            # order their running sum is the whole-vocabulary one minus the zeros, same token.
+            inside = vals[:, -1] < floor[at]
+            at, vals, ids = at[inside], vals[inside], ids[inside]
+            ids, order = ids.sort(dim=-1)
+            weights = vals.gather(1, order)
+            weights = weights * (weights >= floor[at].unsqueeze(1))
+            picked[at] = ids.gather(1, _draw(weights, u[at])).squeeze(1)
+            done = set(at.tolist())
+            rest = [i for i in rest if i not in done]
+        if rest:
+            weights = _take(probs, rest)
+            if (floor[rest] > 0).any():
+                weights = weights * (weights >= floor[rest].unsqueeze(1))
+            picked[rest] = _draw(weights, u[rest]).squeeze(1)
+        return picked
 
     @staticmethod
-    def _cutoffs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
-        """Per-row smallest probability that survives top_k, then top_p, then min_p.
+    def _nucleus_cut(probs: torch.Tensor, vals: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Per row, the smallest probability that top_k and then top_p keep (0: no cut).
 
-        The thresholds are values of the row's sorted probabilities, which do not depend on
-        how ties are ordered or on how many candidates were fetched: that keeps rows
-        independent of the batch.
+        vals holds each row's largest probabilities in order; rows whose nucleus runs past
+        them fetch 16x more. The cut is a value of the row's sorted probabilities, which
+        depends neither on how ties are ordered nor on how many candidates were fetched.
         """
         (n, vocab), dev = probs.shape, probs.device
         top_k = torch.tensor([p.top_k if p.top_k < vocab else 0 for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
-        min_p = torch.tensor([p.min_p for p in params], device=dev)
-        truncated = (top_k > 0) | (top_p < 1.0)
-        if not truncated.any() and not (min_p > 0).any():
-            return None
-        floor = min_p * probs.amax(dim=-1) if (min_p > 0).any() else torch.zeros(n, device=dev)
-        todo = truncated.nonzero().squeeze(1)
-        k = max(_NUCLEUS_GUESS, int(top_k.max()))
+        cut = torch.zeros(n, device=dev)
+        todo = ((top_k > 0) | (top_p < 1.0)).nonzero().squeeze(1)
+        vals, k = vals[todo], vals.shape[1]
         while todo.numel():
-            k = min(k, vocab)
-            vals = probs[todo].topk(k, dim=-1).values
             row_k, row_p = top_k[todo], top_p[todo].unsqueeze(1)
             allowed = torch.arange(k, device=dev) < torch.where(row_k > 0, row_k, k).unsqueeze(1)
             mass = vals * allowed
             mass = torch.where((row_k > 0).unsqueeze(1), mass / mass.sum(dim=-1, keepdim=True), mass)
             before = mass.cumsum(dim=-1) - mass
             kept = (allowed & ((before < row_p) | (row_p >= 1.0))).sum(dim=-1)
-            done = (row_k > 0) | (kept < k) | (k == vocab)
-            cut = vals.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)
-            floor[todo[done]] = torch.maximum(floor[todo[done]], cut[done])
-            todo = todo[~done]
-            k *= 16
-        return floor
+            cut[todo] = vals.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)
+            todo = todo[(row_k == 0) & (kept == k)] if k < vocab else todo[:0]
+            if todo.numel():
+                k = min(vocab, 16 * k)
+                vals = probs[todo].topk(k, dim=-1).values
+        return cut
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
@@ -149,7 +182,7 @@ class Sampler:
         idx = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not idx:
             return {}
-        logprobs = torch.log_softmax(logits[idx], dim=-1)
+        logprobs = torch.log_softmax(_take(logits, idx), dim=-1)
         chosen = logprobs.gather(1, token_ids[idx].unsqueeze(1)).squeeze(1).tolist()
         width = max(params[i].logprobs for i in idx)
         top_vals, top_ids = logprobs.topk(width, dim=-1)

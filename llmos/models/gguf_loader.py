@@ -69,32 +69,36 @@ class GGUFCheckpoint:
                 raise ModelLoadError(f"{path}: truncated file: tensor {t.name} ends at byte "
                                      f"{t.data_offset + t.n_bytes}, the file has {size}")
         self.tokenizer = Tokenizer.from_gguf(self.metadata, str(path))
-        self.config = self._config(arch)
+        try:
+            self.config = self._config(arch)
+        except (TypeError, ValueError) as e:   # a value of the wrong type, e.g. a string where a float goes
+            raise ModelLoadError(f"{path}: malformed metadata: {e}") from None
         shapes = {hf_name(n) or n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()
                   if n != _ROPE_FREQS}
         check_weight_shapes(shapes, self.config, str(path))
 
     def _config(self, arch: str) -> ModelConfig:
-        def need(key: str) -> Any:
-            if f"{arch}.{key}" not in self.metadata:
+        def count(key: str, default: Any = None) -> int:
+            value = self.metadata.get(f"{arch}.{key}", default)
+            if value is None:
                 raise ModelLoadError(f"{self.path}: missing required metadata key {arch}.{key}")
-            return self.metadata[f"{arch}.{key}"]
+            if isinstance(value, list) and len(set(value)) == 1:   # a per-layer list with one value throughout
+                value = value[0]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ModelLoadError(f"{self.path}: {arch}.{key} must be a positive integer, got {value!r}")
+            return value
 
-        hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-        kv_heads = self.metadata.get(f"{arch}.attention.head_count_kv", heads)
-        if isinstance(kv_heads, list):   # per-layer counts; only uniform ones make a Llama
-            if len(set(kv_heads)) != 1:
-                raise ModelLoadError(f"{self.path}: per-layer attention.head_count_kv {kv_heads} is not supported")
-            kv_heads = kv_heads[0]
-        kv_heads = int(kv_heads)
-        if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        hidden, heads = count("embedding_length"), count("attention.head_count")
+        kv_heads = count("attention.head_count_kv", heads)
+        if heads % kv_heads:
             raise ModelLoadError(f"{self.path}: {arch}.attention.head_count_kv {kv_heads} does not divide "
                                  f"{arch}.attention.head_count {heads}")
-        head_dim = self.metadata.get(f"{arch}.attention.key_length")
-        if head_dim is None:
-            if hidden % heads:
-                raise ModelLoadError(f"{self.path}: {arch}.attention.head_count {heads} does not divide "
-                                     f"{arch}.embedding_length {hidden}")
+        if f"{arch}.attention.key_length" in self.metadata:
+            head_dim = count("attention.key_length")
+        elif hidden % heads:
+            raise ModelLoadError(f"{self.path}: {arch}.attention.head_count {heads} does not divide "
+                                 f"{arch}.embedding_length {hidden}")
+        else:
             head_dim = hidden // heads
         rope_dim = self.metadata.get(f"{arch}.rope.dimension_count", head_dim)
         if rope_dim != head_dim:
@@ -104,11 +108,11 @@ class GGUFCheckpoint:
         vocab = self.metadata.get(f"{arch}.vocab_size", len(self.metadata.get("tokenizer.ggml.tokens") or []))
         return ModelConfig(
             architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
-            num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
+            intermediate_size=count("feed_forward_length"), num_layers=count("block_count"),
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             rms_norm_eps=float(self.metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=theta, rope_scaling=self._rope_scaling(arch, theta, int(head_dim)),
-            max_position_embeddings=int(need("context_length")),
+            rope_theta=theta, rope_scaling=self._rope_scaling(arch, theta, head_dim),
+            max_position_embeddings=count("context_length"),
             tie_word_embeddings="output.weight" not in self._tensors,
             attention_bias="blk.0.attn_q.bias" in self._tensors,
             bos_token_id=self.tokenizer.bos_token_id, eos_token_ids=self.tokenizer.eos_token_ids)
@@ -120,8 +124,10 @@ class GGUFCheckpoint:
         if kind == "linear":
             return {"rope_type": "linear", "factor": factor}
         if kind == "yarn":
-            scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings":
-                       int(self.metadata.get(f"{arch}.rope.scaling.original_context_length", 0)) or None}
+            scaling = {"rope_type": "yarn", "factor": factor}
+            if f"{arch}.rope.scaling.original_context_length" in self.metadata:
+                scaling["original_max_position_embeddings"] = int(
+                    self.metadata[f"{arch}.rope.scaling.original_context_length"])
             if f"{arch}.rope.scaling.attn_factor" in self.metadata:
                 scaling["attention_factor"] = float(self.metadata[f"{arch}.rope.scaling.attn_factor"])
             return scaling
@@ -152,8 +158,8 @@ class GGUFCheckpoint:
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Invert llama.cpp's convert_hf_to_gguf permute(): rows (head, 2, d/2) back to (head, d/2, 2)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    """Invert llama.cpp's convert_hf_to_gguf permute(), which moved rows (head, 2, d/2) to (head, d/2, 2)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _llama3_rope_scaling(path: Path, factors: torch.Tensor, theta: float, head_dim: int) -> dict | None:

@@ -70,24 +70,25 @@ class HFCheckpoint:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None and (path / "chat_template.jinja").is_file():   # where transformers 5 saves it
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        self.tokenizer = Tokenizer.from_hf(path / "tokenizer.json", tok_cfg,
-                                           eos if isinstance(eos, list) else [eos] if eos is not None else [],
-                                           template)
+        eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
+        self.tokenizer = Tokenizer.from_hf(path / "tokenizer.json", tok_cfg, eos_ids, template)
         self.config = self._config(cfg)
 
     def _config(self, cfg: dict) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
         if arch is None:
-            raise ModelLoadError(f"{self.path / 'config.json'}: unsupported architecture {archs or cfg.get('model_type')} "
-                                 f"(supported: {', '.join(_ARCHITECTURES)})")
+            raise ModelLoadError(f"{self.path / 'config.json'}: unsupported architecture "
+                                 f"{archs or cfg.get('model_type')} (supported: {', '.join(_ARCHITECTURES)})")
         if cfg.get("mlp_bias") or (arch != "qwen2" and cfg.get("attention_bias")):
-            raise ModelLoadError(f"{self.path / 'config.json'}: attention/MLP output biases are not supported")
+            raise ModelLoadError(f"{self.path / 'config.json'}: attention_bias/mlp_bias (o_proj or MLP biases) "
+                                 f"are not supported")
 
-        def need(key: str):
-            if cfg.get(key) is None:
-                raise ModelLoadError(f"{self.path / 'config.json'}: missing required key {key!r}")
-            return cfg[key]
+        def need(key: str) -> int:
+            value = cfg.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ModelLoadError(f"{self.path / 'config.json'}: {key} must be a positive integer, got {value!r}")
+            return value
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         head_dim = cfg.get("head_dim") or hidden // heads
@@ -95,7 +96,7 @@ class HFCheckpoint:
             raise ModelLoadError(f"{self.path / 'config.json'}: num_attention_heads {heads} does not divide "
                                  f"hidden_size {hidden}")
         kv_heads = cfg.get("num_key_value_heads") or heads
-        if heads % kv_heads:
+        if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
             raise ModelLoadError(f"{self.path / 'config.json'}: num_key_value_heads {kv_heads} does not divide "
                                  f"num_attention_heads {heads}")
         # transformers 5 writes rope_parameters; older files rope_theta + rope_scaling ("type" or "rope_type")

@@ -60,21 +60,27 @@ class Tokenizer:
         if not tokens:
             raise ModelLoadError(f"{source}: GGUF has no tokenizer.ggml.tokens; cannot build a tokenizer")
         types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-        if kind == "gpt2":
-            backend = _byte_level_bpe(tokens, types, meta.get("tokenizer.ggml.merges") or [],
-                                      meta.get("tokenizer.ggml.pre", "default"), source)
-            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-        elif kind == "llama":
-            backend = _sentencepiece_bpe(tokens, meta.get("tokenizer.ggml.scores"),
-                                         meta.get("tokenizer.ggml.unknown_token_id"),
-                                         bool(meta.get("tokenizer.ggml.add_space_prefix", True)), source)
-            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for SPM
-        else:
+        pre, scores = meta.get("tokenizer.ggml.pre") or "default", meta.get("tokenizer.ggml.scores")
+        if kind not in ("gpt2", "llama"):
             raise ModelLoadError(f"{source}: unsupported tokenizer model {kind!r} (supported: gpt2, llama)")
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, ty in zip(tokens, types) if ty == _CONTROL])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+        if kind == "gpt2" and pre not in _PRE_SPLITS:
+            raise ModelLoadError(f"{source}: unsupported pre-tokenizer {pre!r} (supported: {', '.join(_PRE_SPLITS)})")
+        if kind == "llama" and (scores is None or len(scores) != len(tokens)):
+            raise ModelLoadError(f"{source}: sentencepiece tokenizer needs one tokenizer.ggml.scores entry per token")
+        try:
+            if kind == "gpt2":
+                backend = _byte_level_bpe(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre)
+            else:
+                backend = _sentencepiece_bpe(tokens, scores, meta.get("tokenizer.ggml.unknown_token_id"),
+                                             bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                        for t, ty in zip(tokens, types) if ty == _CONTROL])
+            backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+        except Exception as e:   # tokenizers rejects e.g. merges naming tokens that are not in the vocabulary
+            raise ModelLoadError(f"{source}: invalid tokenizer data: {e}") from None
+        # sentencepiece vocabularies get BOS unless the file says otherwise (as in llama.cpp); byte-level ones if asked
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
 
         def token_id(key: str) -> int | None:
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -158,11 +164,8 @@ class Tokenizer:
             raise InvalidRequestError(f"messages: the chat template rejected them: {e}") from None
 
 
-def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre: str,
-                    source: str) -> Backend:
+def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre: str) -> Backend:
     """GPT-2-style BPE over bytes spelled as printable characters, as llama.cpp's 'gpt2' model."""
-    if pre not in _PRE_SPLITS:
-        raise ModelLoadError(f"{source}: unsupported pre-tokenizer {pre!r} (supported: {', '.join(_PRE_SPLITS)})")
     spell = _bytes_to_unicode()
     alphabet = set(spell.values())
     vocab = {}
@@ -189,11 +192,8 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre:
     return backend
 
 
-def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, unk_id: int | None,
-                       add_space_prefix: bool, source: str) -> Backend:
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], unk_id: int | None, add_space_prefix: bool) -> Backend:
     """SentencePiece BPE ('llama' model): merges recovered from the token scores, bytes as <0xNN>."""
-    if scores is None or len(scores) != len(tokens):
-        raise ModelLoadError(f"{source}: sentencepiece tokenizer needs one tokenizer.ggml.scores entry per token")
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)

@@ -1,0 +1,112 @@
+"""One entry point from a model name or path to config, float32 weights and tokenizer.
+
+Dequantizing a GGUF costs seconds (most of it parsing the metadata, then numpy
+dequantization), so the result is kept as a safetensors file that later loads
+memory-map: the second start of the same model is an mmap, not a decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llmos.config import llmos_home
+from llmos.models.config import ModelConfig
+from llmos.models.gguf_loader import GGUFCheckpoint
+from llmos.models.hf_loader import HFCheckpoint, check_weight_shapes
+from llmos.models.store import ModelStore
+from llmos.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "1"   # bump when what the cache holds (names, layout, unpermute) changes
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]   # float32, Hugging Face names
+    tokenizer: Tokenizer
+    path: Path
+    name: str
+
+
+def load_model(name_or_path: str, cache: bool = True) -> LoadedModel:
+    """Load a store name, a .gguf file or a Hugging Face directory; GGUFs go through the weight cache."""
+    store = ModelStore()
+    path = store.resolve(name_or_path)
+    name = (path.relative_to(store.root).parts[0] if store.root in path.parents
+            else path.stem if path.is_file() else path.name)
+    if path.is_dir():
+        ckpt = HFCheckpoint(path)
+        return LoadedModel(ckpt.config, ckpt.weights(), ckpt.tokenizer, path, name)
+    weight_cache = WeightCache(path)
+    hit = weight_cache.load() if cache else None
+    if hit is None:
+        ckpt = GGUFCheckpoint(path)
+        hit = ckpt.config, ckpt.weights(), ckpt.tokenizer
+        if cache:
+            weight_cache.store(*hit)
+    return LoadedModel(hit[0], hit[1], hit[2], path, name)
+
+
+class WeightCache:
+    """A GGUF's dequantized weights, config and tokenizer in one safetensors file.
+
+    The key is the GGUF's absolute path, size and mtime, so an edited or replaced file
+    never meets a stale cache; anything wrong with a cache file means it is rebuilt.
+    """
+
+    def __init__(self, source: Path, root: Path | None = None):
+        self.source = source.resolve()
+        st = self.source.stat()
+        where = hashlib.sha256(str(self.source).encode()).hexdigest()[:8]
+        what = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:12]
+        self.root = root or llmos_home() / "cache"
+        self._prefix = f"{self.source.stem}-{where}-"
+        self.path = self.root / f"{self._prefix}{what}.safetensors"
+
+    def load(self) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer] | None:
+        """The cached entry, memory-mapped, or None if there is none or it is unusable."""
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CACHE_FORMAT or meta.get("source") != str(self.source):
+                    raise ValueError("written for another source or format")
+                config = ModelConfig(**json.loads(meta["config"]))
+                names = list(f.keys())
+                if any(f.get_slice(k).get_dtype() != "F32" for k in names):
+                    raise ValueError("holds non-float32 tensors")
+                check_weight_shapes({k: tuple(f.get_slice(k).get_shape()) for k in names}, config, str(self.path))
+                tokenizer = Tokenizer.from_json(meta["tokenizer"])
+                weights = {k: f.get_tensor(k) for k in names}
+        except Exception as e:   # any failure (bad header, short file, wrong set) means: rebuild it
+            log.warning("weight cache %s is unusable (%s); rebuilding it", self.path, e)
+            self.path.unlink(missing_ok=True)
+            return None
+        return config, weights, tokenizer
+
+    def store(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
+        """Write atomically (temp file, then rename) and drop this source's older entries."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{self._prefix}*.safetensors"):
+                stale.unlink(missing_ok=True)
+            save_file(weights, str(tmp), metadata={"format": CACHE_FORMAT, "source": str(self.source),
+                                                   "config": json.dumps(asdict(config)),
+                                                   "tokenizer": tokenizer.to_json()})
+            os.replace(tmp, self.path)
+        except OSError as e:   # a full disk or read-only home costs speed next time, not this load
+            log.warning("cannot write weight cache %s: %s", self.path, e)
+            tmp.unlink(missing_ok=True)
