@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.errors import InvalidRequestError
@@ -51,10 +51,28 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     num_threads: int | None = None
-    extra: dict = field(default_factory=dict)
+    # kernel
+    scheduling_policy: str = "fcfs"          # fcfs | priority | rr | fair
+    preemption_mode: str = "auto"            # auto | swap | recompute
+    swap_space: int | str = "1GiB"           # host memory for swapped-out KV; a disk directory beyond it
+    swap_dir: str | None = None
+    aging_rate: float = 0.1                  # priority levels gained per second of waiting
+    rr_quantum: int = 32                     # tokens a sequence runs before yielding (rr)
+    max_waiting: int | None = 1024           # default bound on each tenant's waiting queue
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
+        self.swap_space = parse_size(self.swap_space, "swap_space")
+        if self.scheduling_policy not in ("fcfs", "priority", "rr", "fair"):
+            raise InvalidRequestError(
+                f"scheduling_policy: must be fcfs, priority, rr or fair, got {self.scheduling_policy!r}")
+        if self.preemption_mode not in ("auto", "swap", "recompute"):
+            raise InvalidRequestError(
+                f"preemption_mode: must be auto, swap or recompute, got {self.preemption_mode!r}")
+        if not isinstance(self.rr_quantum, int) or self.rr_quantum < 1:
+            raise InvalidRequestError(f"rr_quantum: must be a positive integer, got {self.rr_quantum!r}")
+        if isinstance(self.aging_rate, bool) or not isinstance(self.aging_rate, (int, float)) or self.aging_rate < 0:
+            raise InvalidRequestError(f"aging_rate: must be a non-negative number, got {self.aging_rate!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

@@ -149,3 +149,18 @@ def test_no_stop_strings_passes_text_through():
 
 def test_flush_releases_held_text_at_the_end():
     assert feed_all(StopChecker(["\n\nUser:"]), ["answer", "\n", "\nUse"]) == ("answer\n\nUse", None)
+
+
+def test_sentencepiece_style_leading_space_and_byte_fallback():
+    """Decoders that drop the first token's leading space (Llama's SentencePiece) still stream right."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "▁": 4, "<0xE4>": 5, "<0xBD>": 6, "<0xA0>": 7, "▁you": 8}
+    sp = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sp.decode([2]) == "world" and sp.decode(ids) == "Hello world! 你 you"
+    deltas = stream(IncrementalDetokenizer(sp), ids)
+    assert deltas == ["Hello", " world", "!", " ", "", "", "你", " you", ""]
+    assert stream(IncrementalDetokenizer(sp, prompt_token_ids=[1]), [2, 3]) == [" world", "!", ""]

@@ -1,10 +1,12 @@
-"""The vLLM-style Python entry point: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+"""The vLLM-style Python entry point: `LLM(model=...).generate(prompts, SamplingParams(...))`,
+plus the kernel's asynchronous handle API (`submit`) and tenant controls."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence as Seq
 
 from llmos.config import EngineConfig
+from llmos.engine.engine_loop import EngineLoop, RequestHandle
 from llmos.engine.llm_engine import LLMEngine
 from llmos.errors import InvalidRequestError
 from llmos.outputs import RequestOutput, StreamDelta
@@ -12,56 +14,91 @@ from llmos.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2-135m", *, kv_cache_memory: int | str = "1GiB", block_size: int = 16,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 device: str = "auto", dtype: str = "float32", max_model_len: int | None = None, seed: int = 0,
-                 num_threads: int | None = None) -> None:
-        self.config = EngineConfig(model=model, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   enable_prefix_caching=enable_prefix_caching, device=device, dtype=dtype,
-                                   max_model_len=max_model_len, seed=seed, num_threads=num_threads)
+    def __init__(self, model: str = "smollm2-135m", **settings) -> None:
+        """Settings are EngineConfig's fields: kv_cache_memory, block_size, max_num_seqs,
+        max_num_batched_tokens, enable_prefix_caching, device, dtype, max_model_len, seed,
+        scheduling_policy, preemption_mode, swap_space, swap_dir, aging_rate, rr_quantum,
+        max_waiting."""
+        known = set(EngineConfig.__dataclass_fields__)
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown setting(s) {unknown}; known: {sorted(known - {'model'})}")
+        self.config = EngineConfig(model=model, **settings)
         self.engine = LLMEngine(self.config)
+        self.loop = EngineLoop(self.engine)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    @staticmethod
-    def _per_request(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
-        if params is None:
-            return [SamplingParams() for _ in range(n)]
-        if isinstance(params, SamplingParams):
-            return [params] * n
-        params = list(params)
-        if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
-            raise InvalidRequestError(
-                f"sampling_params: expected one SamplingParams or a list of {n}, got {len(params)} items")
-        return params
+    def close(self) -> None:
+        self.loop.shutdown()
 
-    def _run(self, prompts: list, params: SamplingParams | Seq[SamplingParams] | None) -> list[RequestOutput]:
-        plist = self._per_request(params, len(prompts))
-        seqs = []
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the asynchronous API -------------------------------------------------------------
+    def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+               tenant: str = "default", priority: int = 0, request_id: str | None = None) -> RequestHandle:
+        """Queue one request (a prompt, token ids or chat messages) and return its handle at
+        once. Safe to call from many threads. Raises QueueFull when the tenant's waiting
+        queue is at its bound, PromptTooLongError when it can never fit."""
+        return self.loop.submit(prompt, params, tenant=tenant, priority=priority, request_id=request_id)
+
+    def set_tenant(self, name: str, *, weight: float | None = None, kv_quota: int | str | None = None,
+                   max_waiting: int | None = None) -> None:
+        """A tenant's share (weight), its KV quota (blocks, or a size such as "64MiB") and
+        the bound on its waiting queue."""
+        if isinstance(kv_quota, str):
+            from llmos.config import parse_size
+            per_block = self.engine.scheduler.bytes_per_block
+            kv_quota = max(1, parse_size(kv_quota, "kv_quota") // per_block)
+        self.loop.call(lambda e: e.tenants.set(name, weight=weight, kv_quota=kv_quota, max_waiting=max_waiting))
+
+    def stats(self) -> dict:
+        return self.loop.call(lambda e: e.stats())
+
+    def list_requests(self) -> list[dict]:
+        return self.loop.call(lambda e: e.list_requests())
+
+    # -- the batch API --------------------------------------------------------------------
+    @staticmethod
+    def _per_request(value, n: int, name: str, kind) -> list:
+        if value is None or isinstance(value, kind):
+            return [value] * n
+        if isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, kind) for v in value):
+            return list(value)
+        raise InvalidRequestError(f"{name}: expected one {kind.__name__} or a list of {n}, got {value!r:.80}")
+
+    def _run(self, prompts: list, params, tenant, priority) -> list[RequestOutput]:
+        plist = self._per_request(params, len(prompts), "sampling_params", SamplingParams)
+        tlist = self._per_request(tenant, len(prompts), "tenant", str)
+        qlist = self._per_request(priority, len(prompts), "priority", int)
+        handles: list[RequestHandle] = []
         try:
-            for p, sp in zip(prompts, plist):
-                seqs.append(self.engine.add_request(p, sp))
+            for p, sp, t, q in zip(prompts, plist, tlist, qlist):
+                handles.append(self.submit(p, sp, tenant=t or "default", priority=q or 0))
         except Exception:
-            for s in seqs:
-                self.engine.abort_request(s.request_id)
+            for h in handles:
+                h.cancel()
             raise
-        while any(not s.is_finished for s in seqs):
-            self.engine.step()
-        return [self.engine.output(s) for s in seqs]
+        return [h.result() for h in handles]
 
     def generate(self, prompts: str | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 tenant: str | list[str] | None = None, priority: int | list[int] | None = None) -> list[RequestOutput]:
         """Completes each prompt (a string or a list of token ids); all run in one batch."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, list):
             raise InvalidRequestError(f"prompts: expected a string or a list, got {type(prompts).__name__}")
-        return self._run(prompts, sampling_params)
+        return self._run(prompts, sampling_params, tenant, priority)
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+             tenant: str | list[str] | None = None, priority: int | list[int] | None = None) -> list[RequestOutput]:
         """Answers each conversation (a list of {"role", "content"} messages) with the model's chat template."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             messages = [messages]
@@ -70,18 +107,15 @@ class LLM:
                 for m in c) for c in messages):
             raise InvalidRequestError("messages: expected a list of {'role': str, 'content': str} messages "
                                       "or a list of such conversations")
-        return self._run(messages, sampling_params)
+        return self._run(messages, sampling_params, tenant, priority)
 
-    def stream(self, prompt: str | list[int] | list[dict], sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def stream(self, prompt: str | list[int] | list[dict], sampling_params: SamplingParams | None = None, *,
+               tenant: str = "default", priority: int = 0) -> Iterator[StreamDelta]:
         """Yields one request's output as it is produced: text deltas that never split a
-        character or show part of a stop string; the last one has finished=True."""
-        seq = self.engine.add_request(prompt, sampling_params)
+        character or show part of a stop string; the last one has finished=True. Closing the
+        iterator early cancels the request."""
+        handle = self.submit(prompt, sampling_params, tenant=tenant, priority=priority)
         try:
-            while True:
-                for d in self.engine.step():
-                    if d.request_id == seq.request_id:
-                        yield d
-                        if d.finished:
-                            return
+            yield from handle
         finally:
-            self.engine.abort_request(seq.request_id)
+            handle.cancel()

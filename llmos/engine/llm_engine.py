@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 import torch
 
 from llmos.config import EngineConfig
-from llmos.engine.block_manager import BlockManager
+from llmos.kernel.block_manager import BlockManager
 from llmos.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from llmos.engine.model_runner import ModelRunner
+from llmos.engine.model_runner import ModelRunner, kv_bytes_per_block
 from llmos.engine.sampler import Sampler, SamplingRow, make_generator
-from llmos.engine.scheduler import Scheduler
+from llmos.kernel.policy import POLICIES
+from llmos.kernel.stats import KernelStats
+from llmos.kernel.scheduler import Scheduler
+from llmos.kernel.swap import SwapSpace
+from llmos.kernel.tenant import TenantTable
 from llmos.engine.sequence import Sequence, SequenceStatus
-from llmos.errors import InvalidRequestError, PromptTooLongError
+from llmos.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 from llmos.models.loader import load_model
 from llmos.outputs import RequestOutput, StreamDelta, TokenLogprob
 from llmos.sampling_params import SamplingParams
@@ -49,9 +53,23 @@ class LLMEngine:
                                   device=config.device, dtype=config.dtype)
         del loaded
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.tenants = TenantTable(default_max_waiting=config.max_waiting)
+        policy_cls = POLICIES[config.scheduling_policy]
+        if config.scheduling_policy == "priority":
+            self.policy = policy_cls(self.tenants, aging_rate=config.aging_rate)
+        elif config.scheduling_policy == "rr":
+            self.policy = policy_cls(self.tenants, quantum=config.rr_quantum)
+        else:
+            self.policy = policy_cls(self.tenants)
+        self.swap = SwapSpace(config.swap_space, config.swap_dir)
+        self.scheduler = Scheduler(
+            self.block_manager, self.policy, self.tenants, self.swap,
+            read_blocks=self.runner.read_blocks, write_blocks=self.runner.write_blocks,
+            bytes_per_block=kv_bytes_per_block(cfg, config.block_size, self.runner.dtype),
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            preemption_mode=config.preemption_mode)
         self.sampler = Sampler()
+        self.stats = KernelStats()
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -77,8 +95,10 @@ class LLMEngine:
         raise InvalidRequestError(
             f"prompt: expected a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
 
-    def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
-                    request_id: str | None = None, tenant: str = "default", priority: int = 0) -> Sequence:
+    def prepare_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None
+                        ) -> tuple[str | None, list[int], SamplingParams]:
+        """Validation and tokenization: everything about a request that needs no engine state,
+        so callers on other threads can do it without waiting for a step to end."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
@@ -86,6 +106,20 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("prompt: encodes to zero tokens")
         self.check_fits(len(ids), params.max_tokens)
+        return text, ids, params
+
+    def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, tenant: str = "default", priority: int = 0,
+                    prepared: tuple[str | None, list[int], SamplingParams] | None = None) -> Sequence:
+        text, ids, params = prepared or self.prepare_request(prompt, params)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority: must be an integer, got {priority!r}")
+        t = self.tenants.get(tenant)
+        if t.max_waiting is not None:
+            queued = sum(1 for s in self.scheduler.waiting if s.tenant == tenant and s.num_computed_tokens == 0)
+            if queued >= t.max_waiting:
+                raise QueueFullError(f"tenant {tenant!r} already has {queued} requests waiting "
+                                     f"(max_waiting={t.max_waiting}); retry later")
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request_id: {rid!r} is already in use")
@@ -115,6 +149,62 @@ class LLMEngine:
         self._finish(req, "abort")
         return True
 
+    def suspend_request(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        return req is not None and self.scheduler.suspend(req.seq)
+
+    def resume_request(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        return req is not None and self.scheduler.resume(req.seq)
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority: must be an integer, got {priority!r}")
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        req.seq.priority = priority
+        return True
+
+    def list_requests(self) -> list[dict]:
+        return [{"request_id": r.seq.request_id, "tenant": r.seq.tenant, "priority": r.seq.priority,
+                 "state": r.seq.status.value, "prompt_tokens": r.seq.num_prompt_tokens,
+                 "output_tokens": len(r.seq.output_token_ids), "kv_blocks": len(r.seq.block_table)}
+                for r in self.requests.values()]
+
+    def stats(self) -> dict:
+        sch, bm, swap = self.scheduler, self.block_manager, self.swap
+        per_state: dict[str, dict[str, int]] = {}
+        for name, q in (("waiting", sch.waiting), ("running", sch.running), ("swapped", sch.swapped),
+                        ("suspended", sch.suspended)):
+            counts: dict[str, int] = {}
+            for s in q:
+                counts[s.tenant] = counts.get(s.tenant, 0) + 1
+            per_state[name] = counts
+        return {
+            "requests": {k: sum(v.values()) for k, v in per_state.items()},
+            "requests_by_tenant": per_state,
+            "tenants": {t.name: {"weight": t.weight, "kv_quota": t.kv_quota, "max_waiting": t.max_waiting,
+                                 "tokens_served": t.tokens_served, "prompt_tokens": t.prompt_tokens,
+                                 "output_tokens": t.output_tokens, "virtual_time": t.vtime,
+                                 "kv_blocks": bm.tenant_blocks(sch.running).get(t.name, 0)}
+                        for t in self.tenants.all()},
+            "tokens": {"prompt": self.tokens_prefilled, "generated": self.tokens_generated},
+            "steps": self.num_steps,
+            "preemptions": dict(sch.num_preemptions),
+            "swap": {"bytes_out": swap.bytes_out, "bytes_in": swap.bytes_in, "host_bytes": swap.host_used,
+                     "disk_bytes": swap.disk_used, "host_budget": swap.host_budget,
+                     "compressed_entries": swap.num_compressed,
+                     "bytes_saved_by_compression": swap.bytes_saved_by_compression, "swap_ins": sch.num_swap_ins},
+            "kv_blocks": {"total": bm.num_blocks, "used": bm.num_used_blocks, "free": bm.num_free_blocks,
+                          "cached": bm.num_cached_blocks, "block_size": bm.block_size},
+            "prefix_cache": {"queries": bm.prefix_queries, "hits": bm.prefix_hits,
+                             "hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0},
+            "scheduling_policy": self.config.scheduling_policy,
+            "cost_model": {"copy_bytes_per_s": sch.copy_bytes_per_s, "prefill_tokens_per_s": sch.prefill_tokens_per_s},
+            "histograms": self.stats.snapshot(),
+        }
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -122,29 +212,41 @@ class LLMEngine:
     def step(self) -> list[StreamDelta]:
         """One iteration: schedule, run one forward pass, sample, detokenize. Returns the
         deltas of every request that produced text or finished in this step."""
-        out: list[StreamDelta] = []
         batch = self.scheduler.schedule()
         if batch:
             now = time.time()
             for item in batch:
                 if item.seq.metrics.first_scheduled_time is None:
                     item.seq.metrics.first_scheduled_time = now
+            t0 = time.perf_counter()
             logits = self.runner.execute(batch)
             samplers = [item for item in batch if item.samples]
             rows = [SamplingRow(i.seq.params, i.seq.prompt_token_ids, i.seq.output_token_ids, i.seq.generator)
                     for i in samplers]
             sampled = self.sampler.sample(logits, rows) if rows else []
             self.num_steps += 1
+            prefill = 0
             for item in batch:
                 seq = item.seq
                 start = seq.num_computed_tokens
                 seq.num_computed_tokens += item.num_new_tokens
                 self.block_manager.register_full_blocks(seq, start)
-                if len(seq.output_token_ids) == 0 or start < len(seq) - 1:
-                    self.tokens_prefilled += item.num_new_tokens
+                tenant = self.tenants.get(seq.tenant)
+                if item.num_new_tokens > 1 or not item.samples:
+                    prefill += item.num_new_tokens
+                    tenant.prompt_tokens += item.num_new_tokens
+                tenant.tokens_served += item.num_new_tokens
+                self.policy.on_served(seq, item.num_new_tokens)
+            self.tokens_prefilled += prefill
+            self.scheduler.observe_step(prefill, time.perf_counter() - t0)
             now = time.time()
             for item, tok in zip(samplers, sampled):
                 self._append_token(self.requests[item.seq.request_id], tok, now)
+        return self.collect_deltas()
+
+    def collect_deltas(self) -> list[StreamDelta]:
+        """Deltas produced since the last call; finished requests are forgotten here."""
+        out: list[StreamDelta] = []
         for req in list(self.requests.values()):
             if req.deltas:
                 out.extend(req.deltas)
@@ -157,10 +259,16 @@ class LLMEngine:
         seq, params = req.seq, req.seq.params
         seq.output_token_ids.append(tok.token_id)
         self.tokens_generated += 1
+        self.tenants.get(seq.tenant).output_tokens += 1
         m = seq.metrics
         if m.first_token_time is None:
             m.first_token_time = now
             m.num_cached_tokens = seq.num_cached_tokens
+            self.stats.observe("time_to_first_token_seconds", seq.tenant, now - m.arrival_time)
+            if m.first_scheduled_time is not None:
+                self.stats.observe("queue_time_seconds", seq.tenant, m.first_scheduled_time - m.arrival_time)
+        else:
+            self.stats.observe("inter_token_latency_seconds", seq.tenant, now - m.last_token_time)
         m.last_token_time = now
         lp = None
         if params.logprobs is not None:

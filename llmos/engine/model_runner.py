@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from llmos.engine.model import AttentionMetadata, Transformer
-from llmos.engine.sequence import Sequence
+from llmos.engine.sequence import ScheduledSeq, Sequence
 from llmos.models.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int            # tokens to compute this step, starting at seq.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step finishes the sequence's known tokens, so a next token is due."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -106,3 +93,22 @@ class ModelRunner:
         input_ids, positions, meta, sample_idx = self.prepare(batch)
         logits = self.model(input_ids, positions, self.kv_caches, meta, sample_idx)
         return logits.cpu()
+
+    # -- context switching: copy a sequence's blocks out of the pool and back -------------
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """[layers, 2, n, block_size, KVH, D] copy of the given blocks, on the host."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        bs, KVH, D = self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim
+        out = torch.empty(len(self.kv_caches), 2, len(blocks), bs, KVH, D, dtype=self.dtype)
+        for i, (k, v) in enumerate(self.kv_caches):
+            out[i, 0] = k.view(-1, bs, KVH, D).index_select(0, idx).cpu()
+            out[i, 1] = v.view(-1, bs, KVH, D).index_select(0, idx).cpu()
+        return out
+
+    def write_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        bs, KVH, D = self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim
+        data = data.to(device=self.device, dtype=self.dtype)
+        for i, (k, v) in enumerate(self.kv_caches):
+            k.view(-1, bs, KVH, D).index_copy_(0, idx, data[i, 0])
+            v.view(-1, bs, KVH, D).index_copy_(0, idx, data[i, 1])

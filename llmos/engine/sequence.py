@@ -40,8 +40,15 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics | None = None
+    seq_no: int = 0                   # admission order, the final tie-breaker everywhere
+    swapped_tokens: int = 0           # computed tokens whose KV sits in the swap tier
+    rr_stamp: int = 0                 # round-robin position (lower goes first)
+    quantum_used: int = 0
+    wait_since: float | None = None   # when it last started waiting (None while running)
+    wait_accum: float = 0.0           # seconds spent waiting before that
 
     def __post_init__(self) -> None:
+        self.wait_since = self.arrival_time
         if self.metrics is None:
             self.metrics = RequestMetrics(arrival_time=time.time())
         if self.params.logprobs is not None and self.logprobs is None:
@@ -66,6 +73,30 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def waited(self, now: float) -> float:
+        """Seconds spent waiting for the machine (queued or preempted), which is what ages it."""
+        return self.wait_accum + (now - self.wait_since if self.wait_since is not None else 0.0)
+
+    def start_waiting(self, now: float) -> None:
+        if self.wait_since is None:
+            self.wait_since = now
+
+    def stop_waiting(self, now: float) -> None:
+        if self.wait_since is not None:
+            self.wait_accum += now - self.wait_since
+            self.wait_since = None
+
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int            # tokens to compute this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step finishes the sequence's known tokens, so a next token is due."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)

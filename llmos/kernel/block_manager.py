@@ -122,6 +122,18 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             seq.block_table.append(self._take_free())
 
+    def allocate_blocks(self, n: int) -> list[int] | None:
+        """n fresh private blocks (for a swap-in), or None if the pool cannot give them."""
+        if n > len(self.free):
+            return None
+        return [self._take_free() for _ in range(n)]
+
+    def tenant_blocks(self, seqs) -> dict[str, int]:
+        used: dict[str, int] = {}
+        for s in seqs:
+            used[s.tenant] = used.get(s.tenant, 0) + len(s.block_table)
+        return used
+
     def free_sequence(self, seq: Sequence) -> None:
         """Return seq's blocks; the ones holding a hashed prefix stay findable until reused.
         Blocks are released last-first so a prefix's tail is evicted before its head."""
