@@ -30,18 +30,33 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def gemm_flops(n: int = 2048, repeats: int = 10) -> float:
+def gemm_flops(n: int = 1024, repeats: int = 30) -> float:
     """FLOP/s of an n x n x n float32 matmul on torch's current threads: the peak MFU divides by."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
     return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out), repeats)
 
 
-def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
     """Bytes/s read by summing a float32 tensor far larger than the caches: decode streams
     its weights the same way, read-only, once per step."""
     x = torch.ones(nbytes // 4)
     return nbytes / best_time(x.sum, repeats)
+
+
+class MachinePeak:
+    """The best GEMM FLOP/s and read bandwidth over probes spread across a run: on a CPU
+    shared with other jobs any single probe may land in a busy moment, so MFU and MBU
+    are taken against what the machine did at its least busy."""
+
+    def __init__(self) -> None:
+        self.flops = self.bandwidth = 0.0
+
+    def sample(self, memory: bool = True) -> None:
+        """memory=False skips the bandwidth probe, whose buffer would show in a peak RSS window."""
+        self.flops = max(self.flops, gemm_flops())
+        if memory:
+            self.bandwidth = max(self.bandwidth, memory_bandwidth())
 
 
 def cpu_seconds() -> tuple[float, float]:

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 # Runs from a checkout as `python benchmarks/throughput.py`, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (cpu_seconds, gemm_flops, markdown_table, memory_bandwidth,  # noqa: E402
-                               peak_rss, reset_peak_rss, write_section)
+from benchmarks.common import (MachinePeak, cpu_seconds, markdown_table, peak_rss,  # noqa: E402
+                               reset_peak_rss, write_section)
 
 from llmos import LLM, SamplingParams  # noqa: E402
 from llmos.models.loader import load_model  # noqa: E402
@@ -105,14 +105,19 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, e
     return out[:, width:]
 
 
-def run_llmos(args, chats, lengths) -> dict:
-    llm = LLM(model=MODEL, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-              num_threads=args.threads)
+def run_llmos(args, chats, lengths, peak: MachinePeak) -> dict:
+    with LLM(model=MODEL, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+             num_threads=args.threads) as llm:
+        return measure_llmos(args, llm, chats, lengths, peak)
+
+
+def measure_llmos(args, llm, chats, lengths, peak: MachinePeak) -> dict:
     warm = llm.chat(WARMUP, greedy(8))[0]
     res = {"warmup_prompt": warm.prompt_token_ids, "eos_ids": llm.get_tokenizer().eos_token_ids,
            "num_parameters": llm.engine.model_config.num_parameters,
            "weight_bytes": llm.engine.model_config.num_parameters * torch.finfo(llm.engine.runner.dtype).bits // 8}
     if args.mode in ("batch", "all"):
+        peak.sample(memory=False)
         t = time.perf_counter()
         outs = llm.chat(chats, [greedy(n) for n in lengths])
         res["batch_s"] = time.perf_counter() - t
@@ -122,6 +127,7 @@ def run_llmos(args, chats, lengths) -> dict:
         res["computed_prompt_tokens"] = sum(len(o.prompt_token_ids) - o.metrics.num_cached_tokens for o in outs)
         res["prompts"] = [o.prompt_token_ids for o in outs]
     if args.mode in ("single", "all"):
+        peak.sample(memory=False)
         t = time.perf_counter()
         out = llm.chat(SINGLE, greedy(args.single_tokens))[0]
         res["single_s"] = time.perf_counter() - t
@@ -133,7 +139,7 @@ def run_llmos(args, chats, lengths) -> dict:
     return res
 
 
-def run_transformers(args, lengths, ref: dict) -> dict:
+def run_transformers(args, lengths, ref: dict, peak: MachinePeak) -> dict:
     """The same prompts, as llmos tokenized them, through transformers `generate`."""
     model = transformers_model(load_model(MODEL))
     eos_ids, prompts = ref["eos_ids"], ref.get("prompts")
@@ -141,11 +147,13 @@ def run_transformers(args, lengths, ref: dict) -> dict:
     hf_generate(model, [ref["warmup_prompt"]], 8, pad, eos_ids)
     res = {}
     if args.mode in ("batch", "all"):
+        peak.sample(memory=False)
         t = time.perf_counter()
         for i in range(0, len(prompts), args.max_num_seqs):
             hf_generate(model, prompts[i:i + args.max_num_seqs], max(lengths[i:i + args.max_num_seqs]), pad, eos_ids)
         res["batch_s"] = time.perf_counter() - t
     if args.mode in ("single", "all"):
+        peak.sample(memory=False)
         clock = TokenClock()
         t = time.perf_counter()
         out = hf_generate(model, [ref["single_prompt"]], args.single_tokens, pad, eos_ids, streamer=clock)
@@ -157,19 +165,32 @@ def run_transformers(args, lengths, ref: dict) -> dict:
 
 
 def profile_llmos(args, chats, lengths) -> str:
-    """cProfile of the llmos batch run, grouped by where the time goes. Ops called as Tensor
-    operators (x * y, x + y) are invisible to cProfile and land in their caller's own time."""
-    llm = LLM(model=MODEL, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-              num_threads=args.threads)
-    llm.chat(WARMUP, greedy(8))
-    flops = gemm_flops()
-    steps0 = llm.engine.num_steps
+    """cProfile of llmos' batch workload, grouped by where the time goes. The engine is
+    stepped on this thread, without the LLM's loop thread, so cProfile sees every step.
+    Ops called as Tensor operators (x * y, x + y) are invisible to cProfile and land in
+    their caller's own time."""
+    from llmos.config import EngineConfig
+    from llmos.engine.llm_engine import LLMEngine
+    engine = LLMEngine(EngineConfig(model=MODEL, kv_cache_memory=args.kv_cache_memory,
+                                    max_num_seqs=args.max_num_seqs, num_threads=args.threads))
+
+    def drive(convs, params):
+        seqs = [engine.add_request(c, p) for c, p in zip(convs, params)]
+        while engine.has_unfinished():
+            engine.step()
+        return [engine.output(s) for s in seqs]
+
+    drive([WARMUP], [greedy(8)])
+    peak = MachinePeak()
+    peak.sample()
+    steps0 = engine.num_steps
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
-    outs = llm.chat(chats, [greedy(n) for n in lengths])
+    outs = drive(chats, [greedy(n) for n in lengths])
     prof.disable()
     wall = time.perf_counter() - t
+    peak.sample()
     stats = pstats.Stats(prof).stats   # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
 
     def cum(name: str) -> float:
@@ -191,15 +212,18 @@ def profile_llmos(args, chats, lengths) -> str:
         ("scheduler + block manager", cum("schedule") + cum("register_full_blocks")),
         ("append token, detokenize, stop checks", cum("_append_token")),
     ]
-    parts.append(("rest (chat template, engine loop)", wall - sum(s for _, s in parts)))
-    processed = sum(len(o.prompt_token_ids) - o.metrics.num_cached_tokens for o in outs) + sum(lengths)
-    ideal = processed * 2 * llm.engine.model_config.num_parameters / flops
-    steps = llm.engine.num_steps - steps0
+    parts.append(("rest (chat template, tenants, engine step glue)", wall - sum(s for _, s in parts)))
+    # Every computed token goes through the layers; only sampled ones through the lm_head.
+    cfg = engine.model_config
+    head = cfg.vocab_size * cfg.hidden_size
+    computed = sum(len(o.prompt_token_ids) - o.metrics.num_cached_tokens for o in outs) + sum(lengths)
+    gemm_s = 2 * ((cfg.num_parameters - head) * computed + head * sum(lengths)) / peak.flops
+    steps = engine.num_steps - steps0
     table = markdown_table(["where", "seconds", "share"], [[n, f"{s:.2f}", f"{s / wall:.1%}"] for n, s in parts])
     return (f"{table}\n\n{len(chats)} requests, {steps} engine steps ({sum(lengths) / steps:.1f} output tokens "
-            f"per step), {wall:.1f} s under cProfile. GEMM FLOP/s probe {flops / 1e9:.0f} G: all "
-            f"{processed} processed tokens' 2 x parameters FLOPs at that rate take {ideal:.1f} s, so the GEMMs "
-            f"run at {ideal / linear:.2f} of the probe and the whole run at MFU {ideal / wall:.2f}.")
+            f"per step), {wall:.1f} s under cProfile. At the probed {peak.flops / 1e9:.0f} GFLOP/s this run's "
+            f"GEMM FLOPs ({computed} computed tokens) take {gemm_s:.1f} s: the GEMMs run at {gemm_s / linear:.2f} "
+            f"of the probe, the whole run at {gemm_s / wall:.2f}.")
 
 
 def report(args, llmos: dict, hf: dict, flops: float, bandwidth: float, others: float) -> str:
@@ -267,19 +291,21 @@ def main() -> None:
         print(profile_llmos(args, chats, args.lengths))
         return
 
-    flops, bandwidth = gemm_flops(), memory_bandwidth()
+    # GEMM probes run before each timed part; bandwidth probes only between the systems'
+    # peak-RSS windows.
+    peak = MachinePeak()
+    peak.sample()
     busy0, own0, t0 = *cpu_seconds(), time.perf_counter()
-    gc.collect()
-    reset_peak_rss()
-    llmos = run_llmos(args, chats, args.lengths)
-    gc.collect()
-    reset_peak_rss()
-    hf = run_transformers(args, args.lengths, llmos)
+    results = []
+    for run in (lambda: run_llmos(args, chats, args.lengths, peak),
+                lambda: run_transformers(args, args.lengths, results[0], peak)):
+        gc.collect()
+        reset_peak_rss()
+        results.append(run())
+        peak.sample()
     busy1, own1 = cpu_seconds()
     others = (busy1 - busy0 - (own1 - own0)) / (time.perf_counter() - t0)
-    # Probe again afterwards and keep the better: the machine's capability, not a busy moment.
-    flops, bandwidth = max(flops, gemm_flops()), max(bandwidth, memory_bandwidth())
-    text = report(args, llmos, hf, flops, bandwidth, others)
+    text = report(args, *results, peak.flops, peak.bandwidth, others)
     print(text)
     if args.write:
         exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"

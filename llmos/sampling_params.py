@@ -23,6 +23,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None      # number of top logprobs to return per token
     include_stop_str_in_output: bool = False
+    # Grammar-constrained decoding: {"json_object": True}, {"json_schema": {...}},
+    # {"regex": "..."} or {"grammar": "<EBNF>"}; compiled by llmos.engine.guided.
+    guided: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +75,10 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if len(self.stop) > 16:
             raise bad("stop", "at most 16 stop strings")
+        if self.guided is not None and (not isinstance(self.guided, dict) or len(self.guided) != 1 or
+                                        next(iter(self.guided)) not in ("json_object", "json_schema", "regex", "grammar")):
+            raise bad("guided", "must be one of {'json_object': True}, {'json_schema': ...}, {'regex': ...}, "
+                                "{'grammar': ...}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
 

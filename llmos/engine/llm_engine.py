@@ -35,6 +35,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     stop: StopChecker
+    guide: object | None = None        # a llmos.engine.guided.Guide when the output is constrained
     deltas: list[StreamDelta] = field(default_factory=list)
 
 
@@ -69,7 +70,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             preemption_mode=config.preemption_mode)
         self.sampler = Sampler()
-        self.stats = KernelStats()
+        self.metrics = KernelStats()
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -106,6 +107,9 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("prompt: encodes to zero tokens")
         self.check_fits(len(ids), params.max_tokens)
+        if params.guided is not None:
+            from llmos.engine.guided import compile_guide
+            compile_guide(params.guided, self.tokenizer)   # a bad schema fails here, in the caller's thread
         return text, ids, params
 
     def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
@@ -125,8 +129,12 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id: {rid!r} is already in use")
         seq = Sequence(rid, text, ids, params, make_generator(params.seed, self._rng.getrandbits(63)),
                        tenant=tenant, priority=priority)
+        guide = None
+        if params.guided is not None:
+            from llmos.engine.guided import compile_guide
+            guide = compile_guide(params.guided, self.tokenizer).new_guide()
         self.requests[rid] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids),
-                                      StopChecker(params.stop, params.include_stop_str_in_output))
+                                      StopChecker(params.stop, params.include_stop_str_in_output), guide)
         self.scheduler.add(seq)
         return seq
 
@@ -202,7 +210,7 @@ class LLMEngine:
                              "hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0},
             "scheduling_policy": self.config.scheduling_policy,
             "cost_model": {"copy_bytes_per_s": sch.copy_bytes_per_s, "prefill_tokens_per_s": sch.prefill_tokens_per_s},
-            "histograms": self.stats.snapshot(),
+            "histograms": self.metrics.snapshot(),
         }
 
     def has_unfinished(self) -> bool:
@@ -223,6 +231,10 @@ class LLMEngine:
             samplers = [item for item in batch if item.samples]
             rows = [SamplingRow(i.seq.params, i.seq.prompt_token_ids, i.seq.output_token_ids, i.seq.generator)
                     for i in samplers]
+            guides = [self.requests[i.seq.request_id].guide for i in samplers]
+            for row, guide in enumerate(guides):
+                if guide is not None:
+                    guide.mask_logits(logits[row])
             sampled = self.sampler.sample(logits, rows) if rows else []
             self.num_steps += 1
             prefill = 0
@@ -264,11 +276,11 @@ class LLMEngine:
         if m.first_token_time is None:
             m.first_token_time = now
             m.num_cached_tokens = seq.num_cached_tokens
-            self.stats.observe("time_to_first_token_seconds", seq.tenant, now - m.arrival_time)
+            self.metrics.observe("time_to_first_token_seconds", seq.tenant, now - m.arrival_time)
             if m.first_scheduled_time is not None:
-                self.stats.observe("queue_time_seconds", seq.tenant, m.first_scheduled_time - m.arrival_time)
+                self.metrics.observe("queue_time_seconds", seq.tenant, m.first_scheduled_time - m.arrival_time)
         else:
-            self.stats.observe("inter_token_latency_seconds", seq.tenant, now - m.last_token_time)
+            self.metrics.observe("inter_token_latency_seconds", seq.tenant, now - m.last_token_time)
         m.last_token_time = now
         lp = None
         if params.logprobs is not None:
@@ -277,7 +289,11 @@ class LLMEngine:
                               [(t, name(t), v) for t, v in (tok.top_logprobs or [])])
             seq.logprobs.append(lp)
         reason = stop_reason = None
-        if tok.token_id in self.eos_token_ids and not params.ignore_eos:
+        terminated = False
+        if req.guide is not None:
+            req.guide.accept(tok.token_id)
+            terminated = req.guide.is_terminated()
+        if tok.token_id in self.eos_token_ids and (not params.ignore_eos or terminated):
             reason, stop_reason = "stop", tok.token_id
         elif tok.token_id in params.stop_token_ids:
             reason, stop_reason = "stop", tok.token_id
@@ -285,6 +301,9 @@ class LLMEngine:
             delta, matched = req.stop.feed(req.detok.push([tok.token_id]))
             if matched is not None:
                 reason, stop_reason = "stop", matched
+            elif terminated:
+                reason, stop_reason = "stop", tok.token_id
+                delta += req.stop.flush()
             elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
                 reason = "length"
                 delta += req.stop.flush()
