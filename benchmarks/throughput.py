@@ -44,11 +44,11 @@ TOPICS = ["photosynthesis", "the French Revolution", "black holes", "compound in
           "plate tectonics", "how vaccines work", "the water cycle", "machine learning", "the Roman Empire",
           "climate change", "prime numbers", "the human heart", "renewable energy", "how airplanes fly",
           "the printing press"]
-SINGLE = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}]
-WARMUP = [{"role": "user", "content": "Hi!"}]
 FORMS = ["What is {}?", "Explain {} to a ten-year-old.", "Why does {} matter?", "Give me three facts about {}.",
          "What are common misconceptions about {}?", "How would you teach {} in one lesson?",
          "Summarize the history of {}.", "Write a short poem about {}."]
+SINGLE = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}]
+WARMUP = [{"role": "user", "content": "Hi!"}]
 
 
 def workload(n: int) -> tuple[list[list[dict]], list[int]]:

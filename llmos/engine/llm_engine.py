@@ -303,17 +303,23 @@ class LLMEngine:
                 reason, stop_reason = "stop", matched
             elif terminated:
                 reason, stop_reason = "stop", tok.token_id
-                delta += req.stop.flush()
+                delta += self._drain(req)
             elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
                 reason = "length"
-                delta += req.stop.flush()
+                delta += self._drain(req)
         else:
-            delta = req.stop.flush()
+            delta = self._drain(req)
         seq.output_text += delta
         req.deltas.append(StreamDelta(seq.request_id, delta, [tok.token_id], False, None, [lp] if lp else None))
         if reason is not None:
             seq.stop_reason = stop_reason
             self._finish(req, reason)
+
+    @staticmethod
+    def _drain(req: _Request) -> str:
+        """Text still held back at the end: an unfinished character, a possible stop string."""
+        text, _ = req.stop.feed(req.detok.flush())
+        return text + req.stop.flush()
 
     def _finish(self, req: _Request, reason: str) -> None:
         seq = req.seq
