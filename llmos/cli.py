@@ -1,4 +1,5 @@
-"""The `llmos` command: model store, one-shot generation and an interactive chat."""
+"""The `llmos` command: model store, one-shot generation, an interactive chat, the HTTP
+server, its configuration and its API keys."""
 
 from __future__ import annotations
 
@@ -94,6 +95,71 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _settings(args):
+    """Settings from --config, then the flags given on the command line."""
+    import tomllib
+    from llmos.server.settings import load_settings
+    overrides = {}
+    for item in getattr(args, "set", None) or []:
+        name, eq, raw = item.partition("=")
+        if not eq:
+            raise LLMOSError(f"--set {item!r}: expected SECTION.NAME=VALUE, e.g. engine.kv_cache_memory=256MiB")
+        try:
+            overrides[name.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[name.strip()] = raw   # a bare word is a string
+    for flag, name in (("model", "engine.model"), ("host", "server.host"), ("port", "server.port")):
+        if getattr(args, flag, None) is not None:
+            overrides[name] = getattr(args, flag)
+    if getattr(args, "no_auth", False):
+        overrides["server.auth"] = False
+    return load_settings(args.config, overrides)
+
+
+def cmd_serve(args) -> int:
+    from llmos.server.serve import serve
+    return serve(_settings(args))
+
+
+def cmd_config(args) -> int:
+    sys.stdout.write(_settings(args).to_toml())
+    return 0
+
+
+def _key_store(args):
+    from llmos.server.keys import KeyStore
+    return KeyStore(_settings(args).server.keys_path)
+
+
+def cmd_keys_create(args) -> int:
+    key, rec = _key_store(args).create(args.tenant, priority=args.priority, weight=args.weight, rpm=args.rpm,
+                                       tpm=args.tpm, max_concurrent=args.max_concurrent, admin=args.admin)
+    print(f"created {rec.id} for tenant {rec.tenant!r}{' (admin)' if rec.admin else ''}")
+    print(f"key (shown only now; store it safely): {key}")
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    keys = _key_store(args).list(include_revoked=args.all)
+    if not keys:
+        print("no keys; make one with: llmos keys create --tenant NAME")
+        return 0
+    print(f"{'id':<18} {'tenant':<16} {'prio':>5} {'weight':>7} {'rpm':>6} {'tpm':>8} {'conc':>5}  admin  state")
+    for k in keys:
+        dash = lambda v: "-" if v is None else str(v)
+        print(f"{k.id:<18} {k.tenant:<16} {k.priority:>5} {k.weight:>7g} {dash(k.rpm):>6} {dash(k.tpm):>8} "
+              f"{dash(k.max_concurrent):>5}  {'yes' if k.admin else 'no':<5}  {'revoked' if k.revoked_at else 'live'}")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    if not _key_store(args).revoke(args.id):
+        print(f"llmos: error: no live key {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.id}; it stops working at once")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmos", description="An operating system for large language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +179,42 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=None, help="TOML file with [engine] and [server] settings")
+        p.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE",
+                       help="override one setting, e.g. engine.kv_cache_memory=256MiB (repeatable)")
+
+    for name, func, help_text in (("serve", cmd_serve, "run the OpenAI-compatible HTTP server"),
+                                  ("config", cmd_config, "print the effective configuration as TOML")):
+        p = sub.add_parser(name, help=help_text)
+        config_args(p)
+        p.add_argument("--model", default=None, help="store name, .gguf file or Hugging Face directory")
+        p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
+        p.add_argument("--no-auth", action="store_true", help="no API keys; loopback addresses only")
+        p.set_defaults(func=func)
+
+    keys = sub.add_parser("keys", help="manage the server's API keys").add_subparsers(dest="keys_command",
+                                                                                     required=True)
+    p = keys.add_parser("create", help="make a key; the full key is printed only this once")
+    config_args(p)
+    p.add_argument("--tenant", required=True, help="whose requests this key makes")
+    p.add_argument("--priority", type=int, default=0, help="most urgent priority allowed (lower runs first)")
+    p.add_argument("--weight", type=float, default=1.0, help="the tenant's share under fair scheduling")
+    p.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    p.add_argument("--tpm", type=int, default=None, help="prompt + completion tokens per minute")
+    p.add_argument("--max-concurrent", type=int, default=None, help="requests in flight at once")
+    p.add_argument("--admin", action="store_true", help="may use the kernel API on every tenant's requests")
+    p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("list", help="list keys (never the keys themselves)")
+    config_args(p)
+    p.add_argument("--all", action="store_true", help="include revoked keys")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("revoke", help="revoke a key by id; it stops working at once")
+    config_args(p)
+    p.add_argument("id")
+    p.set_defaults(func=cmd_keys_revoke)
     return parser
 
 

@@ -51,7 +51,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.runner = ModelRunner(cfg, loaded.weights, block_size=config.block_size,
                                   kv_cache_memory=config.kv_cache_memory, max_model_len=self.max_model_len,
-                                  device=config.device, dtype=config.dtype)
+                                  device=config.device, dtype=config.dtype, decode_dtype=config.decode_dtype)
         del loaded
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.tenants = TenantTable(default_max_waiting=config.max_waiting)

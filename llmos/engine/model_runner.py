@@ -18,12 +18,14 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, block_size: int,
-                 kv_cache_memory: int, max_model_len: int, device: str, dtype: str) -> None:
+                 kv_cache_memory: int, max_model_len: int, device: str, dtype: str,
+                 decode_dtype: str | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
         self.block_size = block_size
-        self.model = Transformer(cfg, weights, max_model_len, self.device, self.dtype)
+        self.model = Transformer(cfg, weights, max_model_len, self.device, self.dtype,
+                                 _DTYPES[decode_dtype] if decode_dtype else None)
         self.num_blocks = max(1, kv_cache_memory // kv_bytes_per_block(cfg, block_size, self.dtype))
         slots = self.num_blocks * block_size
         # One flat [slots, KVH, D] tensor per layer for K and for V; slot = block * size + offset.

@@ -1,0 +1,115 @@
+"""Every error leaves the server in OpenAI's format, {"error": {message, type, param, code}},
+and each kind of failure is mapped to its status here, once."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmos.errors import InvalidRequestError, LLMOSError, PromptTooLongError, QueueFullError
+
+log = logging.getLogger("llmos.server")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error with its HTTP status; raise it anywhere in a request."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
+                 code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def not_found(message: str, code: str = "not_found", param: str | None = None) -> APIError:
+    return APIError(404, message, param=param, code=code)
+
+
+def from_llmos(e: LLMOSError) -> APIError:
+    """The HTTP form of an error the engine or kernel raised."""
+    message = str(e)
+    param = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
+    if isinstance(e, PromptTooLongError):
+        return APIError(413, message, param=param or "messages", code="context_length_exceeded")
+    if isinstance(e, InvalidRequestError):
+        return APIError(400, message, param=param, code="invalid_value")
+    if isinstance(e, QueueFullError):
+        return APIError(429, message, "rate_limit_error", code="queue_full", retry_after=1)
+    return APIError(500, message, "server_error", code="internal_error")
+
+
+def error_body(e: Exception) -> dict:
+    """The error event a stream ends with when its request fails after the response began."""
+    if isinstance(e, LLMOSError):
+        return from_llmos(e).body()
+    log.error("request failed: %r", e)
+    return APIError(500, "internal server error", "server_error", code="internal_error").body()
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 503: "service_unavailable"}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(LLMOSError)
+    async def llmos_error(request: Request, e: LLMOSError) -> JSONResponse:
+        err = from_llmos(e)
+        if err.status >= 500:
+            log.error("request failed: %s", e)
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if len(e.errors()) > 1:
+            message += f" (and {len(e.errors()) - 1} more problem(s))"
+        return APIError(400, message, param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        err = APIError(e.status_code, str(e.detail), _STATUS_TYPES.get(e.status_code, "invalid_request_error"),
+                       code=None)
+        response = err.response()
+        for k, v in (e.headers or {}).items():
+            response.headers[k] = v
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, "internal server error", "server_error", code="internal_error").response()

@@ -1,0 +1,31 @@
+"""What the routers share: the documented error responses, ids, the model check."""
+
+from __future__ import annotations
+
+import secrets
+
+from llmos.server.errors import APIError, ErrorResponse
+from llmos.server.state import ServerState
+
+
+def errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+GENERATION_ERRORS = errors(400, 401, 403, 404, 413, 429, 503)
+SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events, ending with "
+                                                                         "'data: [DONE]'"}}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def check_model(state: ServerState, name: str, kind: str = "generation") -> None:
+    """404 for a model this server does not serve; 400 for one that cannot do `kind`."""
+    served = {state.model_name: "generation", state.embedder.name: "embeddings"}
+    if name not in served:
+        raise APIError(404, f"model: {name!r} is not served here; available: {', '.join(served)}", param="model",
+                       code="model_not_found")
+    if served[name] != kind:
+        raise APIError(400, f"model: {name!r} does not do {kind}", param="model", code="invalid_model")

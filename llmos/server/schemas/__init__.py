@@ -1,0 +1,1 @@
+"""The wire format: pydantic models for every request and response body."""

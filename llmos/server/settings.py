@@ -1,0 +1,111 @@
+"""One TOML file holds every setting: [engine] is EngineConfig (engine and kernel), [server]
+is ServerSettings. Command-line flags override the file; `llmos config` prints the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from llmos.config import EngineConfig, llmos_home
+from llmos.errors import InvalidRequestError
+
+# The server is shared by tenants, so it shares the engine fairly by default; the library's
+# default (fcfs) suits one caller.
+SERVER_ENGINE_DEFAULTS = {"scheduling_policy": "fair"}
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth: bool = True
+    keys_db: str = ""                 # SQLite file of API keys; "" = $LLMOS_HOME/keys.db
+    drain_timeout: float = 30.0       # seconds SIGTERM waits for in-flight requests before cancelling them
+    default_max_tokens: int = 1024    # when a request sets no max_tokens (capped by what the context leaves)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name, kind in (("host", str), ("keys_db", str), ("log_level", str), ("auth", bool)):
+            if not isinstance(getattr(self, name), kind):
+                raise InvalidRequestError(f"server.{name}: must be a {kind.__name__}, got {getattr(self, name)!r}")
+        for name, lo, hi in (("port", 0, 65535), ("default_max_tokens", 1, 1 << 30)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise InvalidRequestError(f"server.{name}: must be an integer in [{lo}, {hi}], got {v!r}")
+        if isinstance(self.drain_timeout, bool) or not isinstance(self.drain_timeout, (int, float)) \
+                or self.drain_timeout < 0:
+            raise InvalidRequestError(f"server.drain_timeout: must be a non-negative number, got {self.drain_timeout!r}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise InvalidRequestError(f"server.log_level: must be critical, error, warning, info or debug, "
+                                      f"got {self.log_level!r}")
+        if not self.auth and not is_loopback(self.host):
+            raise InvalidRequestError(f"server.auth: may be off only on a loopback address, not on {self.host!r}")
+
+    @property
+    def keys_path(self) -> Path:
+        return Path(self.keys_db).expanduser() if self.keys_db else llmos_home() / "keys.db"
+
+
+@dataclass
+class Settings:
+    engine: dict = field(default_factory=dict)      # EngineConfig keyword arguments
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.engine)
+
+    def to_toml(self) -> str:
+        """The effective configuration. TOML has no null, so unset settings appear as comments."""
+        out = []
+        for name, values in (("engine", self.engine), ("server", dataclasses.asdict(self.server))):
+            out.append(tomli_w.dumps({name: {k: v for k, v in values.items() if v is not None}}))
+            out.extend(f"# {k} is unset\n" for k, v in values.items() if v is None)
+        return "\n".join(out)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Settings:
+    """Defaults, then the TOML file, then `overrides` ({"engine.model": ..., "server.port": ...})."""
+    sections: dict[str, dict] = {"engine": {}, "server": {}}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InvalidRequestError(f"config {path}: {e}") from None
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise InvalidRequestError(f"config {path}: unknown section(s) {unknown}; known: engine, server")
+        for name, values in data.items():
+            if not isinstance(values, dict):
+                raise InvalidRequestError(f"config {path}: [{name}] must be a table")
+            sections[name].update(values)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in sections or not key:
+            raise InvalidRequestError(f"setting {dotted!r}: expected engine.<name> or server.<name>")
+        sections[section][key] = value
+    engine_fields = [f for f in dataclasses.fields(EngineConfig)]
+    known_engine = {f.name for f in engine_fields}
+    known_server = {f.name for f in dataclasses.fields(ServerSettings)}
+    for section, known in (("engine", known_engine), ("server", known_server)):
+        unknown = sorted(set(sections[section]) - known)
+        if unknown:
+            raise InvalidRequestError(f"[{section}]: unknown setting(s) {unknown}; known: {sorted(known)}")
+    engine = {f.name: f.default for f in engine_fields if f.default is not dataclasses.MISSING}
+    engine.update(SERVER_ENGINE_DEFAULTS)
+    engine.update(sections["engine"])
+    EngineConfig(**{**engine, "device": "cpu"})   # validate now; "auto" is resolved when the engine starts
+    return Settings(engine, ServerSettings(**sections["server"]))
