@@ -1,5 +1,12 @@
 """llmos: an operating system for large language models."""
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning workers
+# steal the cores the engine's other threads (HTTP, tokenization) and neighbours need.
+# Only effective when llmos is imported before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from llmos.errors import InvalidRequestError, LLMOSError, ModelLoadError, PromptTooLongError, QueueFull
 from llmos.outputs import RequestMetrics, RequestOutput, StreamDelta
 from llmos.sampling_params import SamplingParams

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import llmos  # noqa: F401  (first, so its OpenMP settings apply before torch starts)
 import pytest
 import torch
 

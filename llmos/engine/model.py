@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmos.engine.paged_attention import paged_decode_attention
+from llmos.engine.paged_attention import paged_decode_attention, rope_and_store
 from llmos.models.config import ModelConfig
 
 
@@ -107,16 +107,15 @@ class Transformer(torch.nn.Module):
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
-
     def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; caches: [slots, KVH, D]. Returns [T, H*D]."""
         T = q.shape[0]
         H, D, KVH, R = self.cfg.num_heads, self.cfg.head_dim, self.cfg.num_kv_heads, self.n_rep
+        if not meta.prefills and meta.decode_token_idx is not None and meta.decode_token_idx.shape[0] == T:
+            # Every token is a decode, in batch order: no gather, no scatter.
+            return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                          meta.block_size, self.scale).view(T, H * D)
         out = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
         if meta.decode_token_idx is not None:
             idx = meta.decode_token_idx
@@ -144,20 +143,13 @@ class Transformer(torch.nn.Module):
         T = input_ids.shape[0]
         H, KVH, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         x = F.embedding(input_ids, self.embed)
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
         small = self.small is not None and T <= self.decode_max_tokens
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             mats = self.small[i] if small else layer
             h = self._norm(x, layer["in_norm"])
             qkv = self._linear(h, mats["qkv"], layer["qkv_b"])
+            rope_and_store(qkv, positions, self.cos, self.sin, k_cache, v_cache, meta.slot_mapping, H, KVH, D)
             q = qkv[:, :self.q_size].view(T, H, D)
-            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(T, KVH, D)
-            v = qkv[:, self.q_size + self.kv_size:].view(T, KVH, D)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
-            k_cache.index_copy_(0, meta.slot_mapping, k)
-            v_cache.index_copy_(0, meta.slot_mapping, v)
             x = x + self._linear(self._attention(q, k_cache, v_cache, meta), mats["o"])
             h = self._norm(x, layer["post_norm"])
             gate, up = self._linear(h, mats["gate_up"]).chunk(2, dim=-1)

@@ -63,8 +63,8 @@ class Settings:
         """The effective configuration. TOML has no null, so unset settings appear as comments."""
         out = []
         for name, values in (("engine", self.engine), ("server", dataclasses.asdict(self.server))):
-            out.append(tomli_w.dumps({name: {k: v for k, v in values.items() if v is not None}}))
-            out.extend(f"# {k} is unset\n" for k, v in values.items() if v is None)
+            out.append(tomli_w.dumps({name: {k: v for k, v in values.items() if v is not None}})
+                       + "".join(f"# {k} is unset\n" for k, v in values.items() if v is None))
         return "\n".join(out)
 
 
