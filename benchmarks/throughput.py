@@ -185,11 +185,12 @@ def profile_llmos(args, chats, lengths) -> str:
     peak.sample()
     steps0 = engine.num_steps
     prof = cProfile.Profile()
-    t = time.perf_counter()
+    busy0, own0, t = *cpu_seconds(), time.perf_counter()
     prof.enable()
     outs = drive(chats, [greedy(n) for n in lengths])
     prof.disable()
     wall = time.perf_counter() - t
+    busy1, own1 = cpu_seconds()
     peak.sample()
     stats = pstats.Stats(prof).stats   # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
 
@@ -222,8 +223,10 @@ def profile_llmos(args, chats, lengths) -> str:
     table = markdown_table(["where", "seconds", "share"], [[n, f"{s:.2f}", f"{s / wall:.1%}"] for n, s in parts])
     return (f"{table}\n\n{len(chats)} requests, {steps} engine steps ({sum(lengths) / steps:.1f} output tokens "
             f"per step), {wall:.1f} s under cProfile. At the probed {peak.flops / 1e9:.0f} GFLOP/s this run's "
-            f"GEMM FLOPs ({computed} computed tokens) take {gemm_s:.1f} s: the GEMMs run at {gemm_s / linear:.2f} "
-            f"of the probe, the whole run at {gemm_s / wall:.2f}.")
+            f"GEMM FLOPs ({computed} computed tokens) take {gemm_s:.1f} s: the GEMMs ran at "
+            f"{gemm_s * peak.flops / linear / 1e9:.0f} GFLOP/s, {gemm_s / linear:.2f} of the probe, the whole run at "
+            f"{gemm_s / wall:.2f}. Other processes kept "
+            f"{(busy1 - busy0 - (own1 - own0)) / wall:.2f} of the {os.cpu_count()} cores busy meanwhile.")
 
 
 def report(args, llmos: dict, hf: dict, flops: float, bandwidth: float, others: float) -> str:
@@ -271,26 +274,8 @@ def report(args, llmos: dict, hf: dict, flops: float, bandwidth: float, others: 
     return "\n\n".join(blocks)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["batch", "single", "all"], default="all")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--kv-cache-memory", default="1GiB")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for both systems")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 8 requests, 64-token single stream")
-    ap.add_argument("--profile", action="store_true", help="only profile llmos' batch mode")
-    ap.add_argument("--write", action="store_true", help="record the tables in docs/benchmarks.md")
-    args = ap.parse_args()
-    if args.quick:
-        args.requests = min(args.requests, 8)
-    args.single_tokens = 64 if args.quick else 256
-    torch.set_num_threads(args.threads)
-    chats, args.lengths = workload(args.requests)
-    if args.profile:
-        print(profile_llmos(args, chats, args.lengths))
-        return
-
+def compare(args, chats) -> str:
+    """Both systems one after the other, each in its own peak-RSS window."""
     # GEMM probes run before each timed part; bandwidth probes only between the systems'
     # peak-RSS windows.
     peak = MachinePeak()
@@ -305,11 +290,32 @@ def main() -> None:
         peak.sample()
     busy1, own1 = cpu_seconds()
     others = (busy1 - busy0 - (own1 - own0)) / (time.perf_counter() - t0)
-    text = report(args, *results, peak.flops, peak.bandwidth, others)
+    return report(args, *results, peak.flops, peak.bandwidth, others)
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=["batch", "single", "all"], default="all")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--kv-cache-memory", default="1GiB")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for both systems")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 8 requests, 64-token single stream")
+    ap.add_argument("--profile", action="store_true", help="only profile llmos' batch mode")
+    ap.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.requests = min(args.requests, 8)
+    args.single_tokens = 64 if args.quick else 256
+    torch.set_num_threads(args.threads)
+    chats, args.lengths = workload(args.requests)
+    text = profile_llmos(args, chats, args.lengths) if args.profile else compare(args, chats)
     print(text)
     if args.write:
         exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"
-        name = "throughput" + (" --quick" if args.quick else "") + ("" if args.mode == "all" else f" --mode {args.mode}")
+        name = "throughput" + "".join(f" {flag}" for flag in ("--quick", "--profile") if getattr(args, flag[2:]))
+        name += "" if args.mode == "all" or args.profile else f" --mode {args.mode}"
         write_section(name, " ".join([exe] + sys.argv), text)
 
 
