@@ -15,12 +15,20 @@ class RequestMetrics:
     num_preemptions: int = 0
     num_swaps: int = 0
     num_cached_tokens: int = 0
+    num_output_tokens: int = 0
 
     @property
     def queue_time(self) -> float | None:
         if self.first_scheduled_time is None:
             return None
         return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def inter_token_latency(self) -> float | None:
+        """Mean seconds between output tokens after the first."""
+        if self.num_output_tokens < 2 or self.first_token_time is None or self.last_token_time is None:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -180,6 +180,7 @@ def test_handles_suspend_resume_cancel(default_model_path, greedy_reference):
         assert bm.num_used_blocks == 0, "a suspended request holds no blocks in the pool"
         assert h.resume()
         out = h.result(timeout=120)
+        assert out.metrics.inter_token_latency > 0 and out.metrics.num_swaps >= 1
         ref, gaps = greedy_reference(out.prompt_token_ids, 60)
         assert_matches_reference(out.token_ids, ref, gaps)
 

@@ -205,7 +205,9 @@ class LLMEngine:
                      "compressed_entries": swap.num_compressed,
                      "bytes_saved_by_compression": swap.bytes_saved_by_compression, "swap_ins": sch.num_swap_ins},
             "kv_blocks": {"total": bm.num_blocks, "used": bm.num_used_blocks, "free": bm.num_free_blocks,
-                          "cached": bm.num_cached_blocks, "block_size": bm.block_size},
+                          "cached": bm.num_cached_blocks, "block_size": bm.block_size,
+                          "swapped": sum(e.num_blocks for e in swap.entries.values()),
+                          "compressed": sum(e.num_blocks for e in swap.entries.values() if e.compressed)},
             "prefix_cache": {"queries": bm.prefix_queries, "hits": bm.prefix_hits,
                              "hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0},
             "scheduling_policy": self.config.scheduling_policy,
@@ -282,6 +284,7 @@ class LLMEngine:
         else:
             self.metrics.observe("inter_token_latency_seconds", seq.tenant, now - m.last_token_time)
         m.last_token_time = now
+        m.num_output_tokens += 1
         lp = None
         if params.logprobs is not None:
             name = self.tokenizer.id_to_token
