@@ -107,7 +107,7 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, e
 
 def run_llmos(args, chats, lengths, peak: MachinePeak) -> dict:
     with LLM(model=MODEL, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-             num_threads=args.threads) as llm:
+             num_threads=args.threads, decode_dtype=args.decode_dtype) as llm:
         return measure_llmos(args, llm, chats, lengths, peak)
 
 
@@ -115,7 +115,9 @@ def measure_llmos(args, llm, chats, lengths, peak: MachinePeak) -> dict:
     warm = llm.chat(WARMUP, greedy(8))[0]
     res = {"warmup_prompt": warm.prompt_token_ids, "eos_ids": llm.get_tokenizer().eos_token_ids,
            "num_parameters": llm.engine.model_config.num_parameters,
-           "weight_bytes": llm.engine.model_config.num_parameters * torch.finfo(llm.engine.runner.dtype).bits // 8}
+           # Single-stream steps read the decode_dtype copy of the weights when one is set.
+           "weight_bytes": llm.engine.model_config.num_parameters * torch.finfo(
+               getattr(torch, args.decode_dtype) if args.decode_dtype else llm.engine.runner.dtype).bits // 8}
     if args.mode in ("batch", "all"):
         peak.sample(memory=False)
         t = time.perf_counter()
@@ -301,6 +303,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for both systems")
+    ap.add_argument("--decode-dtype", choices=["bfloat16", "float16"], default=None,
+                    help="llmos keeps a half-precision weight copy for steps of <= 4 tokens")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 requests, 64-token single stream")
     ap.add_argument("--profile", action="store_true", help="only profile llmos' batch mode")
     ap.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
@@ -316,6 +320,7 @@ def main() -> None:
         exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"
         name = "throughput" + "".join(f" {flag}" for flag in ("--quick", "--profile") if getattr(args, flag[2:]))
         name += "" if args.mode == "all" or args.profile else f" --mode {args.mode}"
+        name += f" --decode-dtype {args.decode_dtype}" if args.decode_dtype else ""
         write_section(name, " ".join([exe] + sys.argv), text)
 
 
