@@ -225,3 +225,12 @@ def test_aging_lets_low_priority_finish_under_constant_high_priority_load(defaul
             e.add_request(f"High {i}:", greedy(4), priority=0)
         e.step()
     assert low.is_finished and len(low.output_token_ids) == 4
+
+
+def test_priority_does_not_thrash_between_equal_priorities(default_model_path):
+    e = make_engine(default_model_path, max_num_seqs=2, scheduling_policy="priority", aging_rate=0.1)
+    seqs = [e.add_request(f"Story {i}:", greedy(12), priority=3) for i in range(4)]
+    while e.has_unfinished():
+        e.step()
+    assert sum(e.scheduler.num_preemptions.values()) == 0
+    assert all(len(s.output_token_ids) == 12 for s in seqs)

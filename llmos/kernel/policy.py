@@ -32,15 +32,19 @@ class FCFS(Policy):
 
 class PriorityPolicy(Policy):
     """Strict priority (lower runs first) with aging: every second spent waiting improves a
-    request's effective priority by `aging_rate`, so nothing starves."""
+    request's effective priority by `aging_rate`, so nothing starves. A running request
+    keeps its place until a waiting one is better by more than `hysteresis` levels, so
+    requests of equal priority do not swap places every step as their waiting ages."""
     name = "priority"
 
-    def __init__(self, tenants, aging_rate: float = 0.1) -> None:
+    def __init__(self, tenants, aging_rate: float = 0.1, hysteresis: float = 0.5) -> None:
         super().__init__(tenants)
         self.aging_rate = aging_rate
+        self.hysteresis = hysteresis
 
     def effective(self, seq: Sequence, now: float) -> float:
-        return seq.priority - self.aging_rate * seq.waited(now)
+        bonus = self.hysteresis if seq.status is SequenceStatus.RUNNING else 0.0
+        return seq.priority - self.aging_rate * seq.waited(now) - bonus
 
     def order(self, seqs, now):
         return sorted(seqs, key=lambda s: (self.effective(s, now), s.arrival_time, s.seq_no))
