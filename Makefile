@@ -20,8 +20,9 @@ setup: $(STAMP)
 model: $(STAMP)
 	$(BIN)/llmos pull smollm2-135m
 
+# The HTTP server on the default model; it prints its URL, an API key and a curl example.
 run: model
-	$(BIN)/llmos chat
+	$(BIN)/llmos serve
 
 test: model
 	$(BIN)/python -m pytest -q tests

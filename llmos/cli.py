@@ -4,6 +4,7 @@ server, its configuration and its API keys."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from llmos.errors import LLMOSError
@@ -117,6 +118,9 @@ def _settings(args):
 
 
 def cmd_serve(args) -> int:
+    # Idle OpenMP workers sleep instead of spinning, before torch loads: the server's event loop
+    # and stream threads share the cores with them (benchmarks/throughput.py measured why).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from llmos.server.serve import serve
     return serve(_settings(args))
 
@@ -145,8 +149,10 @@ def cmd_keys_list(args) -> int:
         print("no keys; make one with: llmos keys create --tenant NAME")
         return 0
     print(f"{'id':<18} {'tenant':<16} {'prio':>5} {'weight':>7} {'rpm':>6} {'tpm':>8} {'conc':>5}  admin  state")
+    def dash(v) -> str:
+        return "-" if v is None else str(v)
+
     for k in keys:
-        dash = lambda v: "-" if v is None else str(v)
         print(f"{k.id:<18} {k.tenant:<16} {k.priority:>5} {k.weight:>7g} {dash(k.rpm):>6} {dash(k.tpm):>8} "
               f"{dash(k.max_concurrent):>5}  {'yes' if k.admin else 'no':<5}  {'revoked' if k.revoked_at else 'live'}")
     return 0

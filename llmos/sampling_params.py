@@ -60,10 +60,11 @@ class SamplingParams:
             raise bad("top_k", "must be 0 or -1 (off) or a positive integer")
         if not 0.0 < num("top_p") <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
+        self.top_p = max(self.top_p, 1e-6)   # a nucleus below that is the top token anyway
         if not 0.0 <= num("min_p") <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
-        if not 0.0 < num("repetition_penalty") <= 10.0:
-            raise bad("repetition_penalty", "must be in (0, 10]")
+        if not 0.01 <= num("repetition_penalty") <= 10.0:
+            raise bad("repetition_penalty", "must be in [0.01, 10]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= num(name) <= 2.0:
                 raise bad(name, "must be between -2 and 2")

@@ -2,9 +2,9 @@
 its grammar allows next, so JSON-schema, regex and grammar outputs always parse.
 
 The grammar engine is xgrammar, chosen by measured per-token cost on this CPU with the
-default model's tokenizer (benchmarks/guided.py, docs/benchmarks.md "Serving"): about
-5 us to compute a mask and 2 us to accept a token, against 5-15 us and 3-5 us for
-llguidance and 16-80 us for outlines-core, which also compiles schemas 10-1000x slower.
+default model's tokenizer (benchmarks/guided.py, docs/benchmarks.md "Serving"): 4-5 us to
+compute a mask and about 2 us to accept a token, against 5-13 us and 3-4 us for llguidance
+and 14-37 us (plus 1.4 us) for outlines-core, which also compiles schemas 6-1000x slower.
 Compiled grammars are immutable and shared by every request with the same spec (LRU).
 """
 

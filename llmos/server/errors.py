@@ -92,12 +92,17 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        problems = e.errors()
+        first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        msg = str(first.get("msg", "")).removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and " " not in head:    # a model-level check names its field itself: "top_logprobs: ..."
+            loc, msg = loc + [head], rest
         param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        if len(e.errors()) > 1:
-            message += f" (and {len(e.errors()) - 1} more problem(s))"
+        message = f"{param}: {msg}" if param else msg
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more problem(s))"
         return APIError(400, message, param=param, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -5,7 +5,6 @@ the event loop, and cleaning up exactly once however the HTTP request ends."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,8 +21,6 @@ from llmos.sampling_params import SamplingParams
 from llmos.server.auth import Principal
 from llmos.server.limits import Permit
 from llmos.server.state import ServerState, Submitted
-
-log = logging.getLogger("llmos.server")
 
 Event = tuple[int, StreamDelta | RequestOutput | Exception]
 
@@ -110,7 +107,8 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def submit(state: ServerState, principal: Principal, base_id: str, jobs: list[tuple[list[int], SamplingParams]], priority: int, user: str | None) -> list[RequestHandle]:
+def submit(state: ServerState, principal: Principal, base_id: str, jobs: list[tuple[list[int], SamplingParams]],
+           priority: int, user: str | None) -> list[RequestHandle]:
     """Queue one engine request per (prompt ids, params), ids base_id-0, base_id-1, ...
     All or none: if one is refused, those already queued are cancelled. Blocking."""
     state.set_weight(principal.tenant, principal.weight)
@@ -134,7 +132,8 @@ async def start(state: ServerState, principal: Principal, permit: Permit, base_i
     """Submit off the event loop and start carrying output. On failure the permit and the
     drain slot are given back before the error propagates."""
     try:
-        handles = await anyio.to_thread.run_sync(submit, state, principal, base_id, jobs, priority, user)
+        handles = await anyio.to_thread.run_sync(submit, state, principal, base_id, jobs, priority, user,
+                                                 limiter=state.submit_limiter)
     except BaseException:
         permit.release()
         state.drain.leave()

@@ -62,7 +62,8 @@ class KernelCollector:
         for state in ("total", "used", "free", "cached"):
             g.add_metric([state], s["kv_blocks"][state])
         yield g
-        yield CounterMetricFamily("llmos_prefix_cache_queries", "Prefix cache lookups", value=s["prefix_cache"]["queries"])
+        yield CounterMetricFamily("llmos_prefix_cache_queries", "Prefix cache lookups",
+                                  value=s["prefix_cache"]["queries"])
         yield CounterMetricFamily("llmos_prefix_cache_hits", "Prefix cache hits", value=s["prefix_cache"]["hits"])
         yield GaugeMetricFamily("llmos_prefix_cache_hit_rate", "Prefix cache hits per lookup",
                                 value=s["prefix_cache"]["hit_rate"])

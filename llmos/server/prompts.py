@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from llmos.sampling_params import SamplingParams
 from llmos.server.errors import bad_request
-from llmos.server.schemas.openai import ChatMessage, JsonObjectFormat, JsonSchemaFormat, SamplingFields
+from llmos.server.schemas.openai import AssistantTurn, ChatMessage, JsonObjectFormat, JsonSchemaFormat, SamplingFields
 from llmos.server.tools import ToolPlan, call_text, system_prompt
+
+MIN_TOP_P = 1e-6
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage], tools: ToolPlan | None) -> list[int]:
@@ -14,7 +16,7 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], tools: ToolPlan | None) 
     msgs = []
     for m in messages:
         content = m.text()
-        if m.tool_calls:
+        if isinstance(m, AssistantTurn) and m.tool_calls:
             calls = "\n".join(call_text(c) for c in m.tool_calls)
             content = f"{content}\n{calls}" if content else calls
         msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
@@ -59,8 +61,11 @@ def sampling_params(body: SamplingFields, *, max_tokens: int | None, prompt_len:
         raise bad_request(f"max_tokens: {max_tokens} is more than the model's context of {max_model_len} tokens",
                           "max_tokens")
     seed = None if body.seed is None else (body.seed + choice) % 2**63
+    # OpenAI accepts top_p 0; any top_p this small keeps only the likeliest token, and values
+    # below float32's range would underflow the sampler.
+    top_p = max(body.top_p, MIN_TOP_P)
     return SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        max_tokens=max_tokens, temperature=body.temperature, top_p=top_p, top_k=body.top_k, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, seed=seed, stop=body.stop, ignore_eos=body.ignore_eos,
         logprobs=logprobs, guided=guided)

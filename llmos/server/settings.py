@@ -39,7 +39,8 @@ class ServerSettings:
                 raise InvalidRequestError(f"server.{name}: must be an integer in [{lo}, {hi}], got {v!r}")
         if isinstance(self.drain_timeout, bool) or not isinstance(self.drain_timeout, (int, float)) \
                 or self.drain_timeout < 0:
-            raise InvalidRequestError(f"server.drain_timeout: must be a non-negative number, got {self.drain_timeout!r}")
+            raise InvalidRequestError(
+                f"server.drain_timeout: must be a non-negative number, got {self.drain_timeout!r}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise InvalidRequestError(f"server.log_level: must be critical, error, warning, info or debug, "
                                       f"got {self.log_level!r}")

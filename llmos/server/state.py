@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+
+import anyio
 from dataclasses import dataclass, field
 
 from llmos.api.llm import LLM
@@ -61,6 +63,9 @@ class ServerState:
     table: RequestTable = field(default_factory=RequestTable)
     drain: Drain = field(default_factory=Drain)
     started: int = field(default_factory=lambda: int(time.time()))
+    # Threads that may wait on the engine lock to submit at once. Many: a submit waits out the
+    # engine step in progress, and every caller waiting then joins the next step together.
+    submit_limiter: anyio.CapacityLimiter | None = None
     _weights: dict[str, float] = field(default_factory=dict)
 
     @property

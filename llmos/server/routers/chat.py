@@ -15,7 +15,7 @@ from llmos.server.errors import error_body
 from llmos.server.generation import EventStream, Generation, sse, start
 from llmos.server.logprobs import chat_logprobs
 from llmos.server.prompts import chat_prompt, response_format_spec, sampling_params
-from llmos.server.routers.common import GENERATION_ERRORS, SSE, check_model, new_id
+from llmos.server.routers.common import GENERATION_ERRORS, check_model, event_stream, new_id
 from llmos.server.schemas.openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                          ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Usage)
 from llmos.server.state import ServerState
@@ -24,8 +24,8 @@ from llmos.server.tools import CallStream, ToolPlan, parse_call, plan
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=False,
-             responses={200: {"content": SSE}, **GENERATION_ERRORS})
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": event_stream(ChatCompletionChunk)}, **GENERATION_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(authenticate),
                            state: ServerState = Depends(get_state)):
     check_model(state, body.model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 
+from pydantic import BaseModel
+
 from llmos.server.errors import APIError, ErrorResponse
 from llmos.server.state import ServerState
 
@@ -13,8 +15,18 @@ def errors(*statuses: int) -> dict:
 
 
 GENERATION_ERRORS = errors(400, 401, 403, 404, 413, 429, 503)
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events, ending with "
-                                                                         "'data: [DONE]'"}}}
+
+
+def event_stream(chunk: type[BaseModel]) -> dict:
+    """The 200 response of a streaming request: server-sent events whose data is a chunk, an
+    error (if the request fails after the stream began) or the final "[DONE]". Models the
+    chunk refers to go to the schema's components (app._openapi moves the $defs)."""
+    event = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        chunk.model_json_schema(ref_template="#/components/schemas/{model}"),
+        {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "description": "one server-sent event",
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, event]}}}}}
 
 
 def new_id(prefix: str) -> str:

@@ -15,14 +15,15 @@ from llmos.server.errors import error_body
 from llmos.server.generation import EventStream, Generation, sse, start
 from llmos.server.logprobs import completion_logprobs
 from llmos.server.prompts import completion_prompts, sampling_params
-from llmos.server.routers.common import GENERATION_ERRORS, SSE, check_model, new_id
+from llmos.server.routers.common import GENERATION_ERRORS, check_model, event_stream, new_id
 from llmos.server.schemas.openai import Completion, CompletionChoice, CompletionRequest, Usage
 from llmos.server.state import ServerState
 
 router = APIRouter(tags=["openai"])
 
 
-@router.post("/v1/completions", response_model=Completion, responses={200: {"content": SSE}, **GENERATION_ERRORS})
+@router.post("/v1/completions", response_model=Completion,
+             responses={200: {"content": event_stream(Completion)}, **GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(authenticate),
                       state: ServerState = Depends(get_state)):
     check_model(state, body.model)

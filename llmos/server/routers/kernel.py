@@ -57,7 +57,8 @@ async def _act(state: ServerState, principal: Principal, request_id: str, action
 
 
 @router.post("/requests/{request_id}/cancel", response_model=ActionResult, responses=errors(400, 401, 404))
-async def cancel(request_id: str, principal: Principal = Depends(authenticate), state: ServerState = Depends(get_state)):
+async def cancel(request_id: str, principal: Principal = Depends(authenticate),
+                 state: ServerState = Depends(get_state)):
     """End the request now; its KV blocks go back to the pool and its client sees finish_reason "abort"."""
     return await _act(state, principal, request_id, "cancel", lambda h: h.cancel())
 
@@ -70,7 +71,8 @@ async def suspend(request_id: str, principal: Principal = Depends(authenticate),
 
 
 @router.post("/requests/{request_id}/resume", response_model=ActionResult, responses=errors(400, 401, 404))
-async def resume(request_id: str, principal: Principal = Depends(authenticate), state: ServerState = Depends(get_state)):
+async def resume(request_id: str, principal: Principal = Depends(authenticate),
+                 state: ServerState = Depends(get_state)):
     return await _act(state, principal, request_id, "resume", lambda h: h.resume())
 
 

@@ -26,8 +26,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256)
@@ -36,7 +36,7 @@ class SamplingFields(BaseModel):
                                  description="scheduling priority, lower runs first; no lower than the key allows")
     top_k: int = Field(0, ge=-1, description="0 or -1: off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     ignore_eos: bool = False
 
     @model_validator(mode="after")
@@ -64,26 +64,49 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = Field(None, max_length=64)
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+Content = str | list[TextPart]
 
-    @model_validator(mode="after")
-    def _content_rules(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"content: required for a {self.role} message"
-                             + ("" if self.role != "assistant" else " without tool_calls"))
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("tool_calls: only assistant messages carry tool calls")
-        return self
+
+class _Message(BaseModel):
+    name: str | None = Field(None, max_length=64)
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+        content = getattr(self, "content", None)
+        if isinstance(content, list):
+            return "".join(p.text for p in content)
+        return content or ""
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantTurn(_Message):
+    """An earlier assistant turn in the conversation: text, tool calls, or both."""
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _says_something(self):
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: required for an assistant message without tool_calls")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
 
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"

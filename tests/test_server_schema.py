@@ -1,0 +1,84 @@
+"""Schemathesis over the server's own OpenAPI schema: generated requests, valid and invalid,
+against every operation; no 5xx, and every response matches what the schema documents.
+Bounded: a few dozen examples per operation, generation cut to a handful of tokens."""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
+                                               response_schema_conformance, status_code_conformance)
+
+from test_server import MODEL, ServerProcess
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          response_headers_conformance]
+OPERATIONS = [
+    ("POST", "/v1/chat/completions", 40), ("POST", "/v1/completions", 40), ("POST", "/v1/embeddings", 25),
+    ("GET", "/v1/models", 5), ("GET", "/v1/models/{model}", 10),
+    ("GET", "/v1/kernel/requests", 10), ("GET", "/v1/kernel/requests/{request_id}", 10),
+    ("POST", "/v1/kernel/requests/{request_id}/cancel", 10), ("POST", "/v1/kernel/requests/{request_id}/suspend", 10),
+    ("POST", "/v1/kernel/requests/{request_id}/resume", 10), ("POST", "/v1/kernel/requests/{request_id}/priority", 15),
+    ("GET", "/v1/kernel/stats", 5), ("GET", "/health", 3), ("GET", "/ready", 3), ("GET", "/metrics", 3),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, default_model_path):
+    # Requests that name no max_tokens get 4, so generated ones stay cheap on 2 cores.
+    s = ServerProcess(tmp_path_factory.mktemp("schema"), server={"default_max_tokens": 4})
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def schema(server):
+    return schemathesis.openapi.from_url(server.url + "/openapi.json")
+
+
+def test_every_operation_is_exercised(schema):
+    ops = {(op.ok().method.upper(), op.ok().path) for op in schema.get_all_operations()}
+    assert ops == {(m, p) for m, p, _ in OPERATIONS}
+
+
+def _bound(body, model: str) -> None:
+    """Keep a generated body cheap without making it valid or invalid: shrink only values
+    the schema accepts either way (large token budgets, long prompt and input lists), and
+    name a served model, so that valid bodies reach the engine instead of a 404."""
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("model"), str) and body["model"]:
+        body["model"] = model
+    for name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(name), int) and not isinstance(body[name], bool) and body[name] > 4:
+            body[name] = 4
+    if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and 2 < body["n"] <= 16:
+        body["n"] = 2
+    for name, keep in (("prompt", 2), ("input", 4)):
+        value = body.get(name)
+        if isinstance(value, list) and keep < len(value) <= 64 and all(type(v) is type(value[0]) for v in value):
+            body[name] = value[:keep]
+
+
+# Invalid input exists only where there is a body (any path parameter string is valid).
+CASES = [(m, p, n, mode) for m, p, n in OPERATIONS for mode in ("positive", "negative")
+         if mode == "positive" or p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                         "/v1/kernel/requests/{request_id}/priority")]
+
+
+@pytest.mark.parametrize("method,path,examples,mode", CASES, ids=[f"{m} {p} {mode}" for m, p, _, mode in CASES])
+def test_no_server_errors_and_responses_match_schema(server, schema, method, path, examples, mode):
+    headers = {"Authorization": f"Bearer {server.admin_key}"}
+    operation = schema[path][method]
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode), headers=headers))
+    def run(case):
+        _bound(case.body, "all-MiniLM-L6-v2" if path == "/v1/embeddings" else MODEL)
+        case.call_and_validate(base_url=server.url, checks=CHECKS, timeout=60)
+
+    run()
+
