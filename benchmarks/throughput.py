@@ -65,18 +65,8 @@ def greedy(n: int) -> SamplingParams:
 
 def transformers_model(loaded):
     """LlamaForCausalLM holding the very weights llmos runs, on transformers' fastest CPU attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    c = loaded.config
-    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                     num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                     rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
-                     tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa")
-    model = LlamaForCausalLM(hc).eval()
-    _, unexpected = model.load_state_dict(loaded.weights, strict=False)
-    assert not unexpected, unexpected
-    model.tie_weights()
-    return model
+    from llmos.models.loader import to_transformers
+    return to_transformers(loaded, attn_implementation="sdpa")
 
 
 class TokenClock:

@@ -27,18 +27,8 @@ def loaded_default(default_model_path):
 def hf_reference(loaded_default):
     """transformers' LlamaForCausalLM holding exactly the weights llmos runs (the loader's
     tests check those equal what transformers reads from the GGUF itself)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    c = loaded_default.config
-    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                     num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                     rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
-                     tie_word_embeddings=c.tie_word_embeddings, attn_implementation="eager")
-    model = LlamaForCausalLM(hc).eval()
-    missing, unexpected = model.load_state_dict(loaded_default.weights, strict=False)
-    assert not unexpected and all(k == "lm_head.weight" for k in missing)
-    model.tie_weights()
-    return model
+    from llmos.models.loader import to_transformers
+    return to_transformers(loaded_default, attn_implementation="eager")
 
 
 class GreedyReference:

@@ -110,3 +110,25 @@ class WeightCache:
         except OSError as e:   # a full disk or read-only home costs speed next time, not this load
             log.warning("cannot write weight cache %s: %s", self.path, e)
             tmp.unlink(missing_ok=True)
+
+
+def to_transformers(loaded: LoadedModel, attn_implementation: str = "sdpa"):
+    """transformers' LlamaForCausalLM holding the very weights llmos runs: the reference the
+    tests compare tokens against and the baseline the benchmarks compare speed against.
+    Needs the `transformers` package (a test dependency, not a runtime one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = loaded.config
+    if c.architecture not in ("llama", "mistral") or c.attention_bias:
+        raise ValueError(f"to_transformers covers Llama-shaped models, not {c.architecture!r}")
+    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                     num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                     rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                     max_position_embeddings=c.max_position_embeddings,
+                     tie_word_embeddings=c.tie_word_embeddings, attn_implementation=attn_implementation)
+    model = LlamaForCausalLM(hc).eval()
+    missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise ValueError(f"weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model
