@@ -228,7 +228,8 @@ def test_aging_lets_low_priority_finish_under_constant_high_priority_load(defaul
 
 
 def test_priority_does_not_thrash_between_equal_priorities(default_model_path):
-    e = make_engine(default_model_path, max_num_seqs=2, scheduling_policy="priority", aging_rate=0.1)
+    # Slow aging (0.5 levels of hysteresis = 50 s of waiting), so only a defect can preempt here.
+    e = make_engine(default_model_path, max_num_seqs=2, scheduling_policy="priority", aging_rate=0.01)
     seqs = [e.add_request(f"Story {i}:", greedy(12), priority=3) for i in range(4)]
     while e.has_unfinished():
         e.step()
