@@ -86,10 +86,6 @@ class Sequence:
             self.wait_accum += now - self.wait_since
             self.wait_since = None
 
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
-
 
 @dataclass
 class ScheduledSeq:

@@ -167,9 +167,3 @@ class BlockManager:
                 block.hash, block.tokens = h, chunk
                 self.hash_to_block.setdefault(h, block.block_id)
             prev = block.hash
-
-    def reset_prefix_cache(self) -> None:
-        for block_id in self.free:
-            b = self.blocks[block_id]
-            b.hash, b.tokens = None, None
-        self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.blocks[b].ref_count > 0}

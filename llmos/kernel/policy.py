@@ -3,6 +3,7 @@ deserving first. The scheduler turns that order into admissions and preemptions.
 
 from __future__ import annotations
 
+import abc
 import itertools
 from collections import defaultdict
 
@@ -10,14 +11,15 @@ from llmos.engine.sequence import Sequence, SequenceStatus
 from llmos.kernel.tenant import TenantTable
 
 
-class Policy:
+class Policy(abc.ABC):
     name = "base"
 
     def __init__(self, tenants: TenantTable) -> None:
         self.tenants = tenants
 
+    @abc.abstractmethod
     def order(self, seqs: list[Sequence], now: float) -> list[Sequence]:
-        raise NotImplementedError
+        """The sequences that want the machine, most deserving first."""
 
     def on_served(self, seq: Sequence, tokens: int) -> None:
         """Called after a step computed `tokens` tokens for seq."""

@@ -65,10 +65,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
         finish = "tool_calls" if call and out.finish_reason == "stop" else out.finish_reason
         choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
                                   logprobs=chat_logprobs(tokenizer, out.logprobs) if logprobs is not None else None))
-    completion_tokens = sum(len(o.token_ids) for o in outputs)
     return ChatCompletion(id=cid, created=created, model=body.model, choices=choices,
-                          usage=Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens,
-                                      total_tokens=len(ids) + completion_tokens))
+                          usage=Usage.of(len(ids), outputs))
 
 
 async def _events(gen: Generation, tokenizer, cid: str, created: int, model: str, prompt_tokens: int,
@@ -106,9 +104,7 @@ async def _events(gen: Generation, tokenizer, cid: str, created: int, model: str
                     finish = "tool_calls"
             yield chunk(index, ChatDelta(), finish)
     if include_usage:
-        completion_tokens = sum(len(o.token_ids) for o in gen.outputs if o is not None)
-        usage = ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens))
+        usage = ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
+                                    usage=Usage.of(prompt_tokens, gen.outputs))
         yield sse(usage.model_dump_json())
     yield sse("[DONE]")

@@ -60,10 +60,8 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
                                 logprobs=completion_logprobs(tokenizer, out.logprobs, len(echoes[i]))
                                 if body.logprobs is not None else None)
                for i, out in enumerate(outputs)]
-    completion_tokens = sum(len(o.token_ids) for o in outputs)
     return Completion(id=cid, created=created, model=body.model, choices=choices,
-                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens))
+                      usage=Usage.of(prompt_tokens, outputs))
 
 
 async def _events(gen: Generation, tokenizer, cid: str, created: int, model: str, prompt_tokens: int,
@@ -89,9 +87,6 @@ async def _events(gen: Generation, tokenizer, cid: str, created: int, model: str
         if item.text or lp or item.finished:
             yield chunk(index, item.text, item.finish_reason if item.finished else None, lp)
     if include_usage:
-        completion_tokens = sum(len(o.token_ids) for o in gen.outputs if o is not None)
-        usage = Completion(id=cid, created=created, model=model, choices=[], usage=Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens))
+        usage = Completion(id=cid, created=created, model=model, choices=[], usage=Usage.of(prompt_tokens, gen.outputs))
         yield sse(usage.model_dump_json())
     yield sse("[DONE]")

@@ -219,6 +219,13 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int, outputs) -> "Usage":
+        """Usage of a request whose choices produced `outputs` (None for one never finished)."""
+        completion_tokens = sum(len(o.token_ids) for o in outputs if o is not None)
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
 
 class ChatCompletion(BaseModel):
     id: str
