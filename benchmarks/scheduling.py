@@ -130,7 +130,7 @@ def take_turns(runs: list[Clocked], done) -> None:
 
 
 def preemptions(e: LLMEngine) -> str:
-    p = e.scheduler.num_preemptions
+    p = e.kernel.switcher.num_preemptions
     return f"{p['swap']} / {p['recompute']}"
 
 
@@ -205,7 +205,7 @@ def priority(s: Sizes) -> str:
 # -- 3. context switch ------------------------------------------------------------------
 def context_switch(s: Sizes) -> str:
     e = make_engine(s.seqs, enable_prefix_caching=False, max_num_batched_tokens=max(s.contexts))
-    runner, swap = e.runner, e.swap
+    runner, swap = e.runner, e.kernel.switcher.swap
     rng = random.Random(0)
     rows, ratios = [], {}
     for n in s.contexts:
@@ -228,7 +228,7 @@ def context_switch(s: Sizes) -> str:
                 outs.append(t1 - t0)
                 ins.append(t2 - t1)
                 prefills.append(prefill)
-            nbytes = len(seq.block_table) * e.scheduler.bytes_per_block
+            nbytes = len(seq.block_table) * e.kernel.bytes_per_block
             e.abort_request(seq.request_id)
             e.collect_deltas()
         out, inn, pre = map(statistics.median, (outs, ins, prefills))
@@ -278,11 +278,11 @@ def drain(seqs: int, prompts: list, params: SamplingParams, settings: dict) -> d
         e.step()
         steps += 1
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
-    st = e.stats()
+    st = e.kernel.stats().to_dict()
     return {**outputs(reqs), "seconds": seconds, "cpu": cpu, "steps": steps, "rss": peak_rss(),
             "preemptions": st["preemptions"], "swap_ins": st["swap"]["swap_ins"],
             "swap_host_bytes": st["swap"]["host_bytes"], "blocks": e.block_manager.num_blocks,
-            "bytes_per_block": e.scheduler.bytes_per_block, "longest": max(len(q) for q in reqs),
+            "bytes_per_block": e.kernel.bytes_per_block, "longest": max(len(q) for q in reqs),
             "errors": sum(q.finish_reason != "length" or len(q.output_token_ids) != params.max_tokens for q in reqs)}
 
 
@@ -361,7 +361,7 @@ def compression(s: Sizes) -> str:
                 e.scheduler.preempt(q)
         while e.has_unfinished():
             e.step()
-        st = e.stats()
+        st = e.kernel.stats().to_dict()
         return reqs, st
 
     ref, _ = run(False)

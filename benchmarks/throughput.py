@@ -170,7 +170,7 @@ def profile_llmos(args, chats, lengths) -> str:
         seqs = [engine.add_request(c, p) for c, p in zip(convs, params)]
         while engine.has_unfinished():
             engine.step()
-        return [engine.output(s) for s in seqs]
+        return [s.output() for s in seqs]
 
     drive([WARMUP], [greedy(8)])
     peak = MachinePeak()

@@ -11,11 +11,12 @@ from llmos.errors import LLMOSError
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="store name, .gguf file or Hugging Face directory")
-    p.add_argument("--kv-cache-memory", default="512MiB")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
+    from llmos.config import EngineConfig as E   # the defaults are EngineConfig's, stated once
+    p.add_argument("--model", default=E.model, help="store name, .gguf file or Hugging Face directory")
+    p.add_argument("--kv-cache-memory", default=E.kv_cache_memory)
+    p.add_argument("--max-num-seqs", type=int, default=E.max_num_seqs)
+    p.add_argument("--device", default=E.device)
+    p.add_argument("--dtype", default=E.dtype)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +72,7 @@ def cmd_chat(args) -> int:
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print(f"llmos chat with {llm.engine.model_name}. Empty line or Ctrl-D to quit, /reset to start over.")
+    print(f"llmos chat with {llm.model_name}. Empty line or Ctrl-D to quit, /reset to start over.")
     while True:
         try:
             line = input(">>> ").strip()

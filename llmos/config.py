@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.errors import InvalidRequestError
+from llmos.validate import integer, number
 
 _UNITS = {
     "": 1, "b": 1,
@@ -54,6 +55,10 @@ class EngineConfig:
     decode_dtype: str | None = None
     seed: int = 0
     num_threads: int | None = None
+    # Structured output: bounds put on JSON-schema numbers and strings that have none, so a
+    # sensible max_tokens always ends in valid JSON.
+    json_max_digits: int = 15
+    json_max_string_length: int = 256
     # kernel
     scheduling_policy: str = "fcfs"          # fcfs | priority | rr | fair
     preemption_mode: str = "auto"            # auto | swap | recompute
@@ -72,14 +77,11 @@ class EngineConfig:
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise InvalidRequestError(
                 f"preemption_mode: must be auto, swap or recompute, got {self.preemption_mode!r}")
-        if not isinstance(self.rr_quantum, int) or self.rr_quantum < 1:
-            raise InvalidRequestError(f"rr_quantum: must be a positive integer, got {self.rr_quantum!r}")
-        if isinstance(self.aging_rate, bool) or not isinstance(self.aging_rate, (int, float)) or self.aging_rate < 0:
-            raise InvalidRequestError(f"aging_rate: must be a non-negative number, got {self.aging_rate!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InvalidRequestError(f"{name}: must be a positive integer, got {v!r}")
+        integer("rr_quantum", self.rr_quantum, 1)
+        number("aging_rate", self.aging_rate, 0)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "json_max_digits",
+                     "json_max_string_length"):
+            integer(name, getattr(self, name), 1)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidRequestError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.decode_dtype not in (None, "bfloat16", "float16"):

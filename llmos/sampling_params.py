@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmos.errors import InvalidRequestError
+from llmos.validate import integer, number
+
+GUIDED_KINDS = ("json_object", "json_schema", "text_or_json_schema", "regex", "grammar")
+# A nucleus this small is the top token anyway; smaller values would underflow the sampler.
+MIN_TOP_P = 1e-6
 
 
 @dataclass
@@ -24,7 +29,8 @@ class SamplingParams:
     logprobs: int | None = None      # number of top logprobs to return per token
     include_stop_str_in_output: bool = False
     # Grammar-constrained decoding: {"json_object": True}, {"json_schema": {...}},
-    # {"regex": "..."} or {"grammar": "<EBNF>"}; compiled by llmos.engine.guided.
+    # {"text_or_json_schema": {...}}, {"regex": "..."} or {"grammar": "<EBNF>"};
+    # compiled by llmos.engine.guided, unbounded JSON numbers and strings bounded.
     guided: dict | None = None
 
     def __post_init__(self) -> None:
@@ -40,46 +46,28 @@ class SamplingParams:
         def bad(name: str, why: str) -> InvalidRequestError:
             return InvalidRequestError(f"{name}: {why}, got {getattr(self, name)!r}")
 
-        def num(name: str) -> float:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise bad(name, "must be a number")
-            return v
-
-        def integer(name: str) -> int:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad(name, "must be an integer")
-            return v
-
-        if integer("max_tokens") < 1:
-            raise bad("max_tokens", "must be at least 1")
-        if not 0.0 <= num("temperature") <= 100.0:
-            raise bad("temperature", "must be between 0 and 100")
-        if integer("top_k") < 0:
+        integer("max_tokens", self.max_tokens, 1)
+        number("temperature", self.temperature, 0, 100)
+        if integer("top_k", self.top_k) < 0:
             raise bad("top_k", "must be 0 or -1 (off) or a positive integer")
-        if not 0.0 < num("top_p") <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        self.top_p = max(self.top_p, 1e-6)   # a nucleus below that is the top token anyway
-        if not 0.0 <= num("min_p") <= 1.0:
-            raise bad("min_p", "must be in [0, 1]")
-        if not 0.01 <= num("repetition_penalty") <= 10.0:
-            raise bad("repetition_penalty", "must be in [0.01, 10]")
+        number("top_p", self.top_p, 0, 1, lo_open=True)
+        self.top_p = max(self.top_p, MIN_TOP_P)
+        number("min_p", self.min_p, 0, 1)
+        number("repetition_penalty", self.repetition_penalty, 0.01, 10)
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= num(name) <= 2.0:
-                raise bad(name, "must be between -2 and 2")
+            number(name, getattr(self, name), -2, 2)
         if self.seed is not None:
-            integer("seed")
-        if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
-            raise bad("logprobs", "must be between 0 and 20")
+            integer("seed", self.seed)
+        if self.logprobs is not None:
+            integer("logprobs", self.logprobs, 0, 20)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
         if len(self.stop) > 16:
             raise bad("stop", "at most 16 stop strings")
         if self.guided is not None and (not isinstance(self.guided, dict) or len(self.guided) != 1 or
-                                        next(iter(self.guided)) not in ("json_object", "json_schema", "regex", "grammar")):
-            raise bad("guided", "must be one of {'json_object': True}, {'json_schema': ...}, {'regex': ...}, "
-                                "{'grammar': ...}")
+                                        next(iter(self.guided)) not in GUIDED_KINDS):
+            raise bad("guided", "must be one of {'json_object': True}, {'json_schema': ...}, "
+                                "{'text_or_json_schema': ...}, {'regex': ...}, {'grammar': ...}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
 

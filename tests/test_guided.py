@@ -130,3 +130,31 @@ def test_text_or_json_spec(llm, tokenizer):
     assert set(torch.nonzero(logits == 0).flatten().tolist()) == set(tokenizer.eos_token_ids)
     with pytest.raises(InvalidRequestError):
         text_or_json_spec({"type": 7})
+
+
+def test_unbounded_schema_fields_are_bounded_so_output_ends_as_json(llm):
+    """The 135M model, asked for an integer with no bound, writes digits until max_tokens runs
+    out; the grammar bounds digits and string lengths, so a sensible max_tokens ends in JSON."""
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}, "city": {"type": "string"}},
+              "required": ["year", "city"], "additionalProperties": False}
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, guided={"json_schema": schema}) for s in range(6)]
+    prompt = [{"role": "user", "content": "Write a very long number as the year, and a city."}]
+    for out in llm.chat([prompt] * len(params), params):
+        doc = json.loads(out.text)
+        jsonschema.validate(doc, schema)
+        assert abs(doc["year"]) < 10**15 and len(doc["city"]) <= 256
+        assert out.finish_reason == "stop"
+
+
+def test_json_bounds_leave_explicit_limits_alone():
+    from llmos.engine.guided import JsonBounds
+    schema = {"type": "object", "properties": {
+        "a": {"type": "integer"}, "b": {"type": "integer", "maximum": 5}, "c": {"type": "string"},
+        "d": {"type": "string", "maxLength": 3}, "e": {"enum": ["x"]}, "f": {"type": "array", "items": {"type": "number"}}}}
+    bounded = JsonBounds(max_digits=3, max_string_length=10).apply(schema)
+    props = bounded["properties"]
+    assert (props["a"]["minimum"], props["a"]["maximum"]) == (-999, 999)
+    assert props["b"] == {"type": "integer", "maximum": 5}
+    assert props["c"]["maxLength"] == 10 and props["d"]["maxLength"] == 3 and props["e"] == {"enum": ["x"]}
+    assert props["f"]["items"]["maximum"] == 999
+    assert "minimum" not in schema["properties"]["a"], "the caller's schema is not changed"

@@ -12,7 +12,7 @@ from conftest import assert_matches_reference
 from llmos import LLM, SamplingParams
 from llmos.config import EngineConfig
 from llmos.engine.llm_engine import LLMEngine
-from llmos.engine.sequence import SequenceStatus
+from llmos.kernel.request import SequenceStatus
 from llmos.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
@@ -113,11 +113,11 @@ def test_preempted_generation_resumes_exactly(default_model_path, greedy_referen
             e.scheduler.preempt(seq)
             assert seq.block_table == [] and e.block_manager.num_used_blocks == 0
     assert seq.metrics.num_preemptions >= 4
-    assert e.scheduler.num_preemptions[mode] >= 4
+    assert e.kernel.switcher.num_preemptions[mode] >= 4
     ref, gaps = greedy_reference(seq.prompt_token_ids, 40)
     assert_matches_reference(seq.output_token_ids, ref, gaps)
     if mode == "swap":
-        assert e.swap.bytes_out > 0 and e.swap.bytes_in == e.swap.bytes_out
+        assert e.kernel.switcher.swap.bytes_out > 0 and e.kernel.switcher.swap.bytes_in == e.kernel.switcher.swap.bytes_out
 
 
 def test_swap_spills_to_disk_and_compresses_when_full(default_model_path, tmp_path, greedy_reference):
@@ -127,13 +127,13 @@ def test_swap_spills_to_disk_and_compresses_when_full(default_model_path, tmp_pa
     e.step()
     for s in seqs:
         e.scheduler.preempt(s)
-    assert e.swap.num_compressed > 0 or e.swap.disk_used > 0
-    assert e.swap.host_used <= e.swap.host_budget
+    assert e.kernel.switcher.swap.num_compressed > 0 or e.kernel.switcher.swap.disk_used > 0
+    assert e.kernel.switcher.swap.host_used <= e.kernel.switcher.swap.host_budget
     assert list(tmp_path.iterdir()), "past the host budget, swapped KV goes to the swap directory"
     while e.has_unfinished():
         e.step()
     assert all(len(s.output_token_ids) == 20 for s in seqs)
-    assert not list(tmp_path.iterdir()) and e.swap.host_used == 0 and e.swap.disk_used == 0
+    assert not list(tmp_path.iterdir()) and e.kernel.switcher.swap.host_used == 0 and e.kernel.switcher.swap.disk_used == 0
 
 
 def test_kv_quota_holds_back_a_tenants_extra_requests(default_model_path):
@@ -190,9 +190,9 @@ def test_handles_suspend_resume_cancel(default_model_path, greedy_reference):
         assert bm.num_used_blocks == 0, "a cancelled request's blocks return at once"
         assert h2.result(timeout=5).finish_reason == "abort"
         s = llm.stats()
-        assert s["requests"]["running"] == 0 and s["preemptions"]["swap"] + s["preemptions"]["recompute"] == 0
-        assert s["swap"]["bytes_out"] > 0
-        assert s["histograms"]["time_to_first_token_seconds"]["default"]["count"] >= 2
+        assert s.requests["running"] == 0 and s.preemptions["swap"] + s.preemptions["recompute"] == 0
+        assert s.swap.bytes_out > 0
+        assert s.histograms["time_to_first_token_seconds"]["default"].count >= 2
 
 
 def test_submit_is_thread_safe(default_model_path):
@@ -233,5 +233,5 @@ def test_priority_does_not_thrash_between_equal_priorities(default_model_path):
     seqs = [e.add_request(f"Story {i}:", greedy(12), priority=3) for i in range(4)]
     while e.has_unfinished():
         e.step()
-    assert sum(e.scheduler.num_preemptions.values()) == 0
+    assert sum(e.kernel.switcher.num_preemptions.values()) == 0
     assert all(len(s.output_token_ids) == 12 for s in seqs)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence as Seq
 
-from llmos.config import EngineConfig
-from llmos.engine.engine_loop import EngineLoop, RequestHandle
+from llmos.api.handle import RequestHandle
+from llmos.config import EngineConfig, parse_size
+from llmos.engine.engine_loop import EngineLoop
 from llmos.engine.llm_engine import LLMEngine
 from llmos.errors import InvalidRequestError
+from llmos.kernel.request import RequestInfo
+from llmos.kernel.stats import KernelStats
 from llmos.outputs import RequestOutput, StreamDelta
 from llmos.sampling_params import SamplingParams
 
@@ -30,6 +33,20 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt plus output tokens one request may hold."""
+        return self.engine.max_model_len
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block (every layer's K and V for block_size tokens)."""
+        return self.engine.kernel.bytes_per_block
+
     def close(self) -> None:
         self.loop.shutdown()
 
@@ -41,27 +58,41 @@ class LLM:
 
     # -- the asynchronous API -------------------------------------------------------------
     def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
-               tenant: str = "default", priority: int = 0, request_id: str | None = None) -> RequestHandle:
+               tenant: str = "default", priority: int = 0, request_id: str | None = None,
+               user: str | None = None, owner_pid: int | None = None, weight: float = 1.0) -> RequestHandle:
         """Queue one request (a prompt, token ids or chat messages) and return its handle at
         once. Safe to call from many threads. Raises QueueFull when the tenant's waiting
-        queue is at its bound, PromptTooLongError when it can never fit."""
-        return self.loop.submit(prompt, params, tenant=tenant, priority=priority, request_id=request_id)
+        queue is at its bound, PromptTooLongError when it can never fit. `owner_pid` names
+        the agent process it belongs to: the tenant's share is split between its processes
+        by `weight` under the fair policy."""
+        handle = RequestHandle(self.loop)
+        group = None if owner_pid is None else f"pid:{owner_pid}"
+        self.loop.submit(prompt, params, handle, tenant=tenant, priority=priority, request_id=request_id,
+                         user=user, owner_pid=owner_pid, group=group, weight=weight)
+        return handle
+
+    def request(self, request_id: str) -> RequestHandle | None:
+        """The handle of a live request, found by id."""
+        seq = self.engine.requests.get(request_id)
+        return seq.listener if seq is not None and isinstance(seq.listener, RequestHandle) else None
+
+    def requests_of(self, owner_pid: int) -> list[RequestHandle]:
+        """Handles of the live requests an agent process made."""
+        return [s.listener for s in self.engine.requests.of_process(owner_pid) if isinstance(s.listener, RequestHandle)]
 
     def set_tenant(self, name: str, *, weight: float | None = None, kv_quota: int | str | None = None,
                    max_waiting: int | None = None) -> None:
         """A tenant's share (weight), its KV quota (blocks, or a size such as "64MiB") and
         the bound on its waiting queue."""
         if isinstance(kv_quota, str):
-            from llmos.config import parse_size
-            per_block = self.engine.scheduler.bytes_per_block
-            kv_quota = max(1, parse_size(kv_quota, "kv_quota") // per_block)
+            kv_quota = max(1, parse_size(kv_quota, "kv_quota") // self.kv_block_bytes)
         self.loop.call(lambda e: e.tenants.set(name, weight=weight, kv_quota=kv_quota, max_waiting=max_waiting))
 
-    def stats(self) -> dict:
-        return self.loop.call(lambda e: e.stats())
+    def stats(self) -> KernelStats:
+        return self.loop.call(lambda e: e.kernel.stats())
 
-    def list_requests(self) -> list[dict]:
-        return self.loop.call(lambda e: e.list_requests())
+    def list_requests(self) -> list[RequestInfo]:
+        return self.loop.call(lambda e: e.kernel.list_requests())
 
     # -- the batch API --------------------------------------------------------------------
     @staticmethod

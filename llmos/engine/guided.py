@@ -10,19 +10,56 @@ Compiled grammars are immutable and shared by every request with the same spec (
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from llmos.errors import InvalidRequestError
+from llmos.sampling_params import GUIDED_KINDS
 
 _CACHE_SIZE = 256
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _XGR_LOCATION = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")   # xgrammar prefixes errors with its C++ source line
+
+
+@dataclass(frozen=True)
+class JsonBounds:
+    """Limits put on what a JSON schema leaves unbounded, so that output cut by a sensible
+    max_tokens still ends as valid JSON: an integer or number without minimum/maximum gets
+    +-(10**max_digits - 1), a string without maxLength (or enum, const, pattern, format)
+    gets max_string_length characters."""
+    max_digits: int = 15
+    max_string_length: int = 256
+
+    def apply(self, schema):
+        """A bounded copy of schema (the caller's stays as it was)."""
+        return self._walk(copy.deepcopy(schema))
+
+    def _walk(self, node):
+        if isinstance(node, list):
+            return [self._walk(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        for key, value in node.items():
+            if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+                node[key] = {k: self._walk(v) for k, v in value.items()}
+            elif key in ("items", "additionalProperties", "prefixItems", "anyOf", "oneOf", "allOf", "not"):
+                node[key] = self._walk(value)
+        types = node.get("type")
+        types = set(types) if isinstance(types, list) else {types}
+        free = not ({"enum", "const"} & node.keys())
+        if free and types & {"integer", "number"} and not ({"minimum", "maximum", "exclusiveMinimum",
+                                                             "exclusiveMaximum"} & node.keys()):
+            node["minimum"], node["maximum"] = -(10 ** self.max_digits - 1), 10 ** self.max_digits - 1
+        if free and "string" in types and not ({"maxLength", "pattern", "format"} & node.keys()):
+            node["maxLength"] = self.max_string_length
+        return node
 
 
 def _xgr():
@@ -88,27 +125,26 @@ class _Compiler:
         self.cache: OrderedDict[str, CompiledGuide] = OrderedDict()
         self.lock = threading.Lock()
 
-    def compile(self, spec: dict) -> CompiledGuide:
-        key = json.dumps(spec, sort_keys=True)
+    def compile(self, spec: dict, bounds: JsonBounds) -> CompiledGuide:
+        key = json.dumps([spec, bounds.max_digits, bounds.max_string_length], sort_keys=True)
         with self.lock:
             hit = self.cache.get(key)
             if hit is not None:
                 self.cache.move_to_end(key)
                 return hit
-        compiled = CompiledGuide(self._compile(spec), self.vocab_size)
+        compiled = CompiledGuide(self._compile(spec, bounds), self.vocab_size)
         with self.lock:
             self.cache[key] = compiled
             while len(self.cache) > _CACHE_SIZE:
                 self.cache.popitem(last=False)
         return compiled
 
-    def _compile(self, spec: dict):
+    def _compile(self, spec: dict, bounds: JsonBounds):
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise InvalidRequestError(f"guided: must have exactly one of json_object, json_schema, regex, grammar; "
-                                      f"got {spec!r:.200}")
+            raise InvalidRequestError(f"guided: must have exactly one of {', '.join(GUIDED_KINDS)}; got {spec!r:.200}")
         (kind, value), = spec.items()
-        if kind == "json_schema":
-            value = json.dumps(check_json_schema(value))
+        if kind in ("json_schema", "text_or_json_schema"):
+            value = json.dumps(bounds.apply(check_json_schema(value)))
         elif kind in ("regex", "grammar") and (not isinstance(value, str) or not value):
             raise InvalidRequestError(f"guided.{kind}: must be a non-empty string")
         try:
@@ -116,6 +152,10 @@ class _Compiler:
                 return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "json_schema":
                 return self.compiler.compile_json_schema(value, any_whitespace=False)
+            if kind == "text_or_json_schema":
+                xgr = _xgr()
+                return self.compiler.compile_grammar(xgr.Grammar.union(
+                    xgr.Grammar.from_regex(r"([^{\s][\s\S]*)?"), xgr.Grammar.from_json_schema(value, any_whitespace=False)))
             if kind == "regex":
                 return self.compiler.compile_regex(value)
             if kind == "grammar":
@@ -125,7 +165,7 @@ class _Compiler:
                 return self.compiler.compile_grammar(_xgr().Grammar.from_lark(value))
         except (RuntimeError, ValueError, TypeError) as e:
             raise InvalidRequestError(f"guided.{kind}: {_XGR_LOCATION.sub('', str(e)).strip()}") from None
-        raise InvalidRequestError(f"guided: unknown kind {kind!r}; use json_object, json_schema, regex or grammar")
+        raise InvalidRequestError(f"guided: unknown kind {kind!r}; use one of {', '.join(GUIDED_KINDS)}")
 
 
 def check_json_schema(schema) -> dict:
@@ -150,25 +190,18 @@ def text_or_json_spec(schema: dict) -> dict:
     """A spec for output that is either plain text (not starting with "{") or one JSON value
     valid under `schema`; the first character decides. Lets a model choose between answering
     and calling a tool while any call it makes is still schema-valid."""
-    xgr = _xgr()
-    try:
-        grammar = xgr.Grammar.union(xgr.Grammar.from_regex(r"([^{\s][\s\S]*)?"),
-                                    xgr.Grammar.from_json_schema(json.dumps(check_json_schema(schema)),
-                                                                 any_whitespace=False))
-    except RuntimeError as e:
-        raise InvalidRequestError(f"tools: {_XGR_LOCATION.sub('', str(e)).strip()}") from None
-    return {"grammar": str(grammar)}
+    return {"text_or_json_schema": check_json_schema(schema)}
 
 
 _compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # tokenizer -> _Compiler
 _compilers_lock = threading.Lock()
 
 
-def compile_guide(spec: dict, tokenizer) -> CompiledGuide:
-    """Compile (or fetch from the LRU) a guided spec for this tokenizer; InvalidRequestError
-    if the spec is malformed. Safe to call from any thread."""
+def compile_guide(spec: dict, tokenizer, bounds: JsonBounds = JsonBounds()) -> CompiledGuide:
+    """Compile (or fetch from the LRU) a guided spec for this tokenizer, JSON schemas bounded
+    by `bounds`; InvalidRequestError if the spec is malformed. Safe to call from any thread."""
     with _compilers_lock:
         compiler = _compilers.get(tokenizer)
         if compiler is None:
             compiler = _compilers[tokenizer] = _Compiler(tokenizer)
-    return compiler.compile(spec)
+    return compiler.compile(spec, bounds)

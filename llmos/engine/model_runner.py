@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llmos.engine.model import AttentionMetadata, Transformer
-from llmos.engine.sequence import ScheduledSeq, Sequence
+from llmos.engine.transformer import AttentionMetadata, Transformer
+from llmos.kernel.request import ScheduledSeq, Sequence
 from llmos.models.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

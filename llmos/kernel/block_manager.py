@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from llmos.engine.sequence import Sequence
+from llmos.kernel.request import Sequence
 
 
 def block_hash(prev_hash: int | None, tokens: list[int] | tuple[int, ...]) -> int:

@@ -1,11 +1,11 @@
-"""Counters and histograms the kernel keeps, per tenant where that makes sense. Plain data:
-the server exports them to Prometheus; `LLM.stats()` hands them out as a dict."""
+"""The kernel's statistics as typed plain data: what `LLM.stats()` returns, what the
+server's kernel API and Prometheus exporter read. Fields are the contract; add, never rename."""
 
 from __future__ import annotations
 
 import bisect
-import threading
-from collections import defaultdict
+import dataclasses
+from dataclasses import dataclass, field
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -24,24 +24,99 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def as_dict(self) -> dict:
+    def snapshot(self) -> HistogramSnapshot:
         cumulative, acc = {}, 0
         for b, c in zip(list(self.buckets) + [float("inf")], self.counts):
             acc += c
             cumulative[b] = acc
-        return {"count": self.count, "sum": self.sum, "buckets": cumulative,
-                "mean": self.sum / self.count if self.count else None}
+        return HistogramSnapshot(self.count, self.sum, cumulative, self.sum / self.count if self.count else None)
 
 
+@dataclass
+class HistogramSnapshot:
+    count: int
+    sum: float
+    buckets: dict[float, int]          # upper bound -> cumulative count (the last is +inf)
+    mean: float | None
+
+
+@dataclass
+class TenantStats:
+    weight: float
+    kv_quota: int | None
+    max_waiting: int | None
+    tokens_served: int
+    prompt_tokens: int
+    output_tokens: int
+    virtual_time: float
+    kv_blocks: int
+
+
+@dataclass
+class TokenCounts:
+    prompt: int
+    generated: int
+
+
+@dataclass
+class SwapStats:
+    bytes_out: int
+    bytes_in: int
+    host_bytes: int
+    disk_bytes: int
+    host_budget: int
+    compressed_entries: int
+    bytes_saved_by_compression: int
+    swap_ins: int
+
+
+@dataclass
+class KVBlockStats:
+    total: int
+    used: int
+    free: int
+    cached: int
+    block_size: int
+    swapped: int
+    compressed: int
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int
+    hits: int
+    hit_rate: float
+
+
+@dataclass
+class CostModel:
+    copy_bytes_per_s: float
+    prefill_tokens_per_s: float
+
+
+@dataclass
 class KernelStats:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.histograms: dict[str, dict[str, Histogram]] = defaultdict(lambda: defaultdict(Histogram))
+    requests: dict[str, int]                          # state -> count
+    requests_by_tenant: dict[str, dict[str, int]]     # state -> tenant -> count
+    tenants: dict[str, TenantStats]
+    tokens: TokenCounts
+    steps: int
+    preemptions: dict[str, int]                       # mode -> count
+    swap: SwapStats
+    kv_blocks: KVBlockStats
+    prefix_cache: PrefixCacheStats
+    scheduling_policy: str
+    cost_model: CostModel
+    histograms: dict[str, dict[str, HistogramSnapshot]] = field(default_factory=dict)   # name -> tenant -> h
 
-    def observe(self, name: str, tenant: str, value: float) -> None:
-        with self.lock:
-            self.histograms[name][tenant].observe(value)
+    def for_tenant(self, tenant: str) -> KernelStats:
+        """The view a tenant may see: machine-wide totals, and only its own row where stats
+        are per tenant."""
+        return dataclasses.replace(
+            self,
+            requests_by_tenant={k: {t: n for t, n in v.items() if t == tenant} for k, v in self.requests_by_tenant.items()},
+            tenants={t: v for t, v in self.tenants.items() if t == tenant},
+            histograms={k: {t: v for t, v in per.items() if t == tenant} for k, per in self.histograms.items()})
 
-    def snapshot(self) -> dict[str, dict[str, dict]]:
-        with self.lock:
-            return {name: {t: h.as_dict() for t, h in per.items()} for name, per in self.histograms.items()}
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -58,23 +58,16 @@ class SwapSpace:
         self.bytes_saved_by_compression = 0
         self.num_compressed = 0
         self._names = itertools.count()
-        self.copy_seconds = 0.0
 
     def can_hold(self, nbytes: int) -> bool:
         """Whether an entry of this size fits somewhere (host, possibly after compressing
         older entries, or disk)."""
         return nbytes <= self.host_budget - self.host_used or nbytes <= self.disk_budget - self.disk_used
 
-    def put(self, key: str, data: torch.Tensor, compress: bool = False) -> SwapEntry:
+    def put(self, key: str, data: torch.Tensor) -> SwapEntry:
         nbytes = data.numel() * data.element_size()
         self.bytes_out += nbytes
-        if compress:
-            q, scale = compress_int8(data)
-            entry = SwapEntry(data.shape[2], q.numel() + scale.numel() * 4, "host", q, scale, dtype=data.dtype)
-            self.bytes_saved_by_compression += nbytes - entry.nbytes
-            self.num_compressed += 1
-        else:
-            entry = SwapEntry(data.shape[2], nbytes, "host", data, None, dtype=data.dtype)
+        entry = SwapEntry(data.shape[2], nbytes, "host", data, None, dtype=data.dtype)
         self.entries[key] = entry
         self.host_used += entry.nbytes
         self._relieve_pressure()

@@ -163,6 +163,12 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise InvalidRequestError(f"messages: the chat template rejected them: {e}") from None
 
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[int]]:
+        """A conversation rendered with the template, opened for the assistant's turn, and its
+        token ids (the template writes any special tokens itself). The one chat path."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        return text, self.encode(text, add_special_tokens=False)
+
 
 def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre: str) -> Backend:
     """GPT-2-style BPE over bytes spelled as printable characters, as llama.cpp's 'gpt2' model."""

@@ -5,24 +5,26 @@ the event loop, and cleaning up exactly once however the HTTP request ends."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import anyio
-from fastapi import Request
+from fastapi import Request, Response
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llmos.engine.engine_loop import RequestHandle
+from llmos.api.handle import RequestHandle
 from llmos.outputs import RequestOutput, StreamDelta
 from llmos.sampling_params import SamplingParams
 from llmos.server.auth import Principal
 from llmos.server.limits import Permit
-from llmos.server.state import ServerState, Submitted
+from llmos.server.state import ServerState
 
 Event = tuple[int, StreamDelta | RequestOutput | Exception]
+Jobs = list[tuple[list[int], SamplingParams]]   # (prompt token ids, params), one per engine request
 
 
 class Generation:
@@ -96,8 +98,6 @@ class Generation:
         unfinished = [h for h in self.handles if not h.done]
         if unfinished:   # cancelling takes the engine lock; never block the event loop on it
             threading.Thread(target=lambda: [h.cancel() for h in unfinished], daemon=True).start()
-        for h in self.handles:
-            self.state.table.remove(h.request_id)
         self.permit.release(sum(len(o.token_ids) for o in self.outputs if o is not None))
         self.state.drain.leave()
 
@@ -107,7 +107,7 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def submit(state: ServerState, principal: Principal, base_id: str, jobs: list[tuple[list[int], SamplingParams]],
+def submit(state: ServerState, principal: Principal, base_id: str, jobs: Jobs,
            priority: int, user: str | None) -> list[RequestHandle]:
     """Queue one engine request per (prompt ids, params), ids base_id-0, base_id-1, ...
     All or none: if one is refused, those already queued are cancelled. Blocking."""
@@ -115,20 +115,17 @@ def submit(state: ServerState, principal: Principal, base_id: str, jobs: list[tu
     handles: list[RequestHandle] = []
     try:
         for i, (ids, params) in enumerate(jobs):
-            h = state.llm.submit(ids, params, tenant=principal.tenant, priority=priority, request_id=f"{base_id}-{i}")
-            handles.append(h)
-            state.table.add(Submitted(h, principal.tenant, principal.key.id if principal.key else None, user,
-                                      int(time.time())))
+            handles.append(state.llm.submit(ids, params, tenant=principal.tenant, priority=priority,
+                                             request_id=f"{base_id}-{i}", user=user))
     except BaseException:
         for h in handles:
             h.cancel()
-            state.table.remove(h.request_id)
         raise
     return handles
 
 
 async def start(state: ServerState, principal: Principal, permit: Permit, base_id: str,
-                jobs: list[tuple[list[int], SamplingParams]], priority: int, user: str | None) -> Generation:
+                jobs: Jobs, priority: int, user: str | None) -> Generation:
     """Submit off the event loop and start carrying output. On failure the permit and the
     drain slot are given back before the error propagates."""
     try:
@@ -139,6 +136,40 @@ async def start(state: ServerState, principal: Principal, permit: Permit, base_i
         state.drain.leave()
         raise
     return Generation(state, permit, handles)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+async def serve_generation(state: ServerState, request: Request, principal: Principal, body, *, id_prefix: str,
+                           prepare: Callable[[], tuple[Jobs, int]],
+                           stream: Callable[[Generation, str, int], AsyncIterator[str]],
+                           respond: Callable[[list[RequestOutput], str, int], object]):
+    """What every generation route does: take a drain slot, build the engine jobs and count
+    the prompt tokens off the event loop (`prepare`), pass the rate limits, submit, then
+    either stream events (`stream(gen, id, created)`) or wait and answer
+    (`respond(outputs, id, created)`). A client that hangs up cancels its generation."""
+    priority = principal.priority(body.priority)
+    state.drain.admit()
+    try:
+        jobs, prompt_tokens = await anyio.to_thread.run_sync(prepare)
+        permit = state.limiter.admit(principal.key, prompt_tokens)
+    except BaseException:
+        state.drain.leave()
+        raise
+    rid = new_id(id_prefix)
+    gen = await start(state, principal, permit, rid, jobs, priority, body.user)
+    created = int(time.time())
+    if body.stream:
+        return EventStream(stream(gen, rid, created), gen.close, headers={"X-Request-Id": rid})
+    try:
+        outputs = await gen.wait_or_disconnect(request)
+    finally:
+        gen.close()
+    if outputs is None:   # the client hung up; nobody reads this
+        return Response(status_code=499)
+    return respond(outputs, rid, created)
 
 
 class EventStream(StreamingResponse):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.errors import InvalidRequestError
+from llmos.validate import integer, number
 
 KEY_PREFIX = "sk-llmos-"
 
@@ -71,13 +72,11 @@ class KeyStore:
         """A new key: returns the full key (never stored) and its record."""
         if not isinstance(tenant, str) or not 0 < len(tenant) <= 128 or not tenant.isprintable():
             raise InvalidRequestError(f"tenant: must be 1-128 printable characters, got {tenant!r}")
-        if isinstance(priority, bool) or not isinstance(priority, int) or not -1000 <= priority <= 1000:
-            raise InvalidRequestError(f"priority: must be an integer in [-1000, 1000], got {priority!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1e6:
-            raise InvalidRequestError(f"weight: must be a number in (0, 1e6], got {weight!r}")
+        integer("priority", priority, -1000, 1000)
+        number("weight", weight, 0, 1e6, lo_open=True)
         for name, v in (("rpm", rpm), ("tpm", tpm), ("max_concurrent", max_concurrent)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise InvalidRequestError(f"{name}: must be a positive integer, got {v!r}")
+            if v is not None:
+                integer(name, v, 1)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         record = ApiKey(f"key-{secrets.token_hex(6)}", tenant, priority, float(weight), rpm, tpm, max_concurrent,
                         bool(admin), time.time())

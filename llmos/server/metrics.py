@@ -26,52 +26,52 @@ class KernelCollector:
     def collect(self) -> Iterator[Metric]:
         s = self.state.llm.stats()
         g = GaugeMetricFamily("llmos_requests", "Requests in the kernel by state", labels=["state"])
-        for state, n in s["requests"].items():
+        for state, n in s.requests.items():
             g.add_metric([state], n)
         yield g
         g = GaugeMetricFamily("llmos_tenant_requests", "Requests in the kernel by tenant and state",
                               labels=["tenant", "state"])
-        for state, per in s["requests_by_tenant"].items():
+        for state, per in s.requests_by_tenant.items():
             for tenant, n in per.items():
                 g.add_metric([tenant, state], n)
         yield g
         c = CounterMetricFamily("llmos_tokens", "Tokens processed", labels=["kind"])
-        c.add_metric(["prompt"], s["tokens"]["prompt"])
-        c.add_metric(["generated"], s["tokens"]["generated"])
+        c.add_metric(["prompt"], s.tokens.prompt)
+        c.add_metric(["generated"], s.tokens.generated)
         yield c
         c = CounterMetricFamily("llmos_tenant_tokens", "Tokens processed per tenant", labels=["tenant", "kind"])
         w = GaugeMetricFamily("llmos_tenant_weight", "Each tenant's fair-share weight", labels=["tenant"])
         kv = GaugeMetricFamily("llmos_tenant_kv_blocks", "KV blocks held by each tenant's running requests",
                                labels=["tenant"])
-        for tenant, t in s["tenants"].items():
-            c.add_metric([tenant, "prompt"], t["prompt_tokens"])
-            c.add_metric([tenant, "generated"], t["output_tokens"])
-            w.add_metric([tenant], t["weight"])
-            kv.add_metric([tenant], t["kv_blocks"])
+        for tenant, t in s.tenants.items():
+            c.add_metric([tenant, "prompt"], t.prompt_tokens)
+            c.add_metric([tenant, "generated"], t.output_tokens)
+            w.add_metric([tenant], t.weight)
+            kv.add_metric([tenant], t.kv_blocks)
         yield from (c, w, kv)
-        yield CounterMetricFamily("llmos_engine_steps", "Engine iterations run", value=s["steps"])
+        yield CounterMetricFamily("llmos_engine_steps", "Engine iterations run", value=s.steps)
         c = CounterMetricFamily("llmos_preemptions", "Running requests preempted, by mode", labels=["mode"])
-        for mode, n in s["preemptions"].items():
+        for mode, n in s.preemptions.items():
             c.add_metric([mode], n)
         yield c
         c = CounterMetricFamily("llmos_swap_bytes", "KV bytes moved to and from the swap tier", labels=["direction"])
-        c.add_metric(["out"], s["swap"]["bytes_out"])
-        c.add_metric(["in"], s["swap"]["bytes_in"])
+        c.add_metric(["out"], s.swap.bytes_out)
+        c.add_metric(["in"], s.swap.bytes_in)
         yield c
         g = GaugeMetricFamily("llmos_kv_blocks", "KV cache blocks by state", labels=["state"])
         for state in ("total", "used", "free", "cached"):
-            g.add_metric([state], s["kv_blocks"][state])
+            g.add_metric([state], getattr(s.kv_blocks, state))
         yield g
         yield CounterMetricFamily("llmos_prefix_cache_queries", "Prefix cache lookups",
-                                  value=s["prefix_cache"]["queries"])
-        yield CounterMetricFamily("llmos_prefix_cache_hits", "Prefix cache hits", value=s["prefix_cache"]["hits"])
+                                  value=s.prefix_cache.queries)
+        yield CounterMetricFamily("llmos_prefix_cache_hits", "Prefix cache hits", value=s.prefix_cache.hits)
         yield GaugeMetricFamily("llmos_prefix_cache_hit_rate", "Prefix cache hits per lookup",
-                                value=s["prefix_cache"]["hit_rate"])
+                                value=s.prefix_cache.hit_rate)
         for name, help_text in _HISTOGRAMS.items():
             h = HistogramMetricFamily(f"llmos_{name}", help_text, labels=["tenant"])
-            for tenant, hist in s["histograms"].get(name, {}).items():
-                buckets = [(_bound(b), n) for b, n in hist["buckets"].items()]
-                h.add_metric([tenant], buckets, sum_value=hist["sum"])
+            for tenant, hist in s.histograms.get(name, {}).items():
+                buckets = [(_bound(b), n) for b, n in hist.buckets.items()]
+                h.add_metric([tenant], buckets, sum_value=hist.sum)
             yield h
         yield GaugeMetricFamily("llmos_http_requests_in_flight", "Generation and embedding requests being served",
                                 value=self.state.drain.in_flight)

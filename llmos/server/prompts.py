@@ -3,12 +3,10 @@ included), completion prompts tokenized, and OpenAI's sampling fields as Samplin
 
 from __future__ import annotations
 
-from llmos.sampling_params import SamplingParams
+from llmos.sampling_params import MIN_TOP_P, SamplingParams
 from llmos.server.errors import bad_request
 from llmos.server.schemas.openai import AssistantTurn, ChatMessage, JsonObjectFormat, JsonSchemaFormat, SamplingFields
 from llmos.server.tools import ToolPlan, call_text, system_prompt
-
-MIN_TOP_P = 1e-6
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage], tools: ToolPlan | None) -> list[int]:
@@ -28,8 +26,7 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], tools: ToolPlan | None) 
             msgs[0] = {"role": "system", "content": f"{msgs[0]['content']}\n\n{system_prompt(tools)}"}
         else:
             msgs.insert(0, {"role": "system", "content": system_prompt(tools)})
-    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tools=template_tools)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode_chat(msgs, tools=template_tools)[1]
 
 
 def completion_prompts(tokenizer, prompt) -> list[list[int]]:
@@ -61,9 +58,7 @@ def sampling_params(body: SamplingFields, *, max_tokens: int | None, prompt_len:
         raise bad_request(f"max_tokens: {max_tokens} is more than the model's context of {max_model_len} tokens",
                           "max_tokens")
     seed = None if body.seed is None else (body.seed + choice) % 2**63
-    # OpenAI accepts top_p 0; any top_p this small keeps only the likeliest token, and values
-    # below float32's range would underflow the sampler.
-    top_p = max(body.top_p, MIN_TOP_P)
+    top_p = body.top_p or MIN_TOP_P   # OpenAI's top_p 0: only the likeliest token
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=top_p, top_k=body.top_k, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,

@@ -36,10 +36,12 @@ class DrainingServer(uvicorn.Server):
         timeout = self.state.settings.server.drain_timeout
         log.info("SIGTERM: draining %d request(s) in flight (up to %.0f s)", self.state.drain.in_flight, timeout)
         if not self.state.drain.wait_idle(timeout):
-            left = self.state.table.all()
+            left = [r.request_id for r in self.state.llm.list_requests()]
             log.warning("drain timeout: cancelling %d request(s)", len(left))
-            for entry in left:
-                entry.handle.cancel()
+            for rid in left:
+                handle = self.state.llm.request(rid)
+                if handle is not None:
+                    handle.cancel()
             self.state.drain.wait_idle(5.0)
         self.should_exit = True
 

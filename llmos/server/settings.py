@@ -13,6 +13,7 @@ import tomli_w
 
 from llmos.config import EngineConfig, llmos_home
 from llmos.errors import InvalidRequestError
+from llmos.validate import integer, number
 
 # The server is shared by tenants, so it shares the engine fairly by default; the library's
 # default (fcfs) suits one caller.
@@ -33,14 +34,9 @@ class ServerSettings:
         for name, kind in (("host", str), ("keys_db", str), ("log_level", str), ("auth", bool)):
             if not isinstance(getattr(self, name), kind):
                 raise InvalidRequestError(f"server.{name}: must be a {kind.__name__}, got {getattr(self, name)!r}")
-        for name, lo, hi in (("port", 0, 65535), ("default_max_tokens", 1, 1 << 30)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise InvalidRequestError(f"server.{name}: must be an integer in [{lo}, {hi}], got {v!r}")
-        if isinstance(self.drain_timeout, bool) or not isinstance(self.drain_timeout, (int, float)) \
-                or self.drain_timeout < 0:
-            raise InvalidRequestError(
-                f"server.drain_timeout: must be a non-negative number, got {self.drain_timeout!r}")
+        integer("server.port", self.port, 0, 65535)
+        integer("server.default_max_tokens", self.default_max_tokens, 1, 1 << 30)
+        number("server.drain_timeout", self.drain_timeout, 0)
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise InvalidRequestError(f"server.log_level: must be critical, error, warning, info or debug, "
                                       f"got {self.log_level!r}")

@@ -1,8 +1,6 @@
-"""What the routers share: the documented error responses, ids, the model check."""
+"""What the routers share: the documented error responses and the model check."""
 
 from __future__ import annotations
-
-import secrets
 
 from pydantic import BaseModel
 
@@ -27,10 +25,6 @@ def event_stream(chunk: type[BaseModel]) -> dict:
     return {"text/event-stream": {"schema": {
         "type": "object", "required": ["data"], "description": "one server-sent event",
         "properties": {"data": {"anyOf": [{"const": "[DONE]"}, event]}}}}}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
 
 
 def check_model(state: ServerState, name: str, kind: str = "generation") -> None:

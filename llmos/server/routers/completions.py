@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 
-import anyio
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 
 from llmos.outputs import StreamDelta
 from llmos.server.auth import Principal, authenticate, get_state
 from llmos.server.errors import error_body
-from llmos.server.generation import EventStream, Generation, sse, start
+from llmos.server.generation import Generation, serve_generation, sse
 from llmos.server.logprobs import completion_logprobs
 from llmos.server.prompts import completion_prompts, sampling_params
-from llmos.server.routers.common import GENERATION_ERRORS, check_model, event_stream, new_id
+from llmos.server.routers.common import GENERATION_ERRORS, check_model, event_stream
 from llmos.server.schemas.openai import Completion, CompletionChoice, CompletionRequest, Usage
 from llmos.server.state import ServerState
 
@@ -27,44 +25,39 @@ router = APIRouter(tags=["openai"])
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(authenticate),
                       state: ServerState = Depends(get_state)):
     check_model(state, body.model)
-    priority = principal.priority(body.priority)
     tokenizer = state.llm.get_tokenizer()
-    state.drain.admit()
-    try:
-        prompts = await anyio.to_thread.run_sync(completion_prompts, tokenizer, body.prompt)
+    echoes: list[str] = []
+    prompt_tokens = 0
+
+    def prepare():
+        nonlocal prompt_tokens
+        prompts = completion_prompts(tokenizer, body.prompt)
         jobs = [(ids, sampling_params(body, max_tokens=body.max_tokens, prompt_len=len(ids),
-                                      max_model_len=state.llm.engine.max_model_len,
+                                      max_model_len=state.llm.max_model_len,
                                       default_max_tokens=state.settings.server.default_max_tokens,
                                       logprobs=body.logprobs, choice=i))
                 for ids in prompts for i in range(body.n)]
+        echoes.extend(tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n))
         prompt_tokens = sum(len(ids) for ids in prompts)
-        permit = state.limiter.admit(principal.key, prompt_tokens)
-    except BaseException:
-        state.drain.leave()
-        raise
-    cid = new_id("cmpl")
-    gen = await start(state, principal, permit, cid, jobs, priority, body.user)
-    created = int(time.time())
-    echoes = [tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
-    if body.stream:
+        return jobs, prompt_tokens
+
+    def stream(gen: Generation, cid: str, created: int):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_events(gen, tokenizer, cid, created, body.model, prompt_tokens, echoes, include_usage,
-                                   body.logprobs is not None), gen.close, headers={"X-Request-Id": cid})
-    try:
-        outputs = await gen.wait_or_disconnect(request)
-    finally:
-        gen.close()
-    if outputs is None:   # the client hung up; nobody reads this
-        return Response(status_code=499)
-    choices = [CompletionChoice(index=i, text=echoes[i] + out.text, finish_reason=out.finish_reason,
-                                logprobs=completion_logprobs(tokenizer, out.logprobs, len(echoes[i]))
-                                if body.logprobs is not None else None)
-               for i, out in enumerate(outputs)]
-    return Completion(id=cid, created=created, model=body.model, choices=choices,
-                      usage=Usage.of(prompt_tokens, outputs))
+        return _events(gen, cid, created, body.model, prompt_tokens, echoes, include_usage, body.logprobs is not None)
+
+    def respond(outputs, cid: str, created: int) -> Completion:
+        choices = [CompletionChoice(index=i, text=echoes[i] + out.text, finish_reason=out.finish_reason,
+                                    logprobs=completion_logprobs(out.logprobs, len(echoes[i]))
+                                    if body.logprobs is not None else None)
+                   for i, out in enumerate(outputs)]
+        return Completion(id=cid, created=created, model=body.model, choices=choices,
+                          usage=Usage.of(prompt_tokens, outputs))
+
+    return await serve_generation(state, request, principal, body, id_prefix="cmpl", prepare=prepare,
+                                  stream=stream, respond=respond)
 
 
-async def _events(gen: Generation, tokenizer, cid: str, created: int, model: str, prompt_tokens: int,
+async def _events(gen: Generation, cid: str, created: int, model: str, prompt_tokens: int,
                   echoes: list[str], include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
     def chunk(index: int, text: str, finish: str | None = None, lp=None) -> str:
         c = Completion(id=cid, created=created, model=model,
@@ -82,7 +75,7 @@ async def _events(gen: Generation, tokenizer, cid: str, created: int, model: str
             continue
         if not isinstance(item, StreamDelta):
             continue
-        lp = completion_logprobs(tokenizer, item.logprobs, offsets[index]) if logprobs and item.logprobs else None
+        lp = completion_logprobs(item.logprobs, offsets[index]) if logprobs and item.logprobs else None
         offsets[index] += len(item.text)
         if item.text or lp or item.finished:
             yield chunk(index, item.text, item.finish_reason if item.finished else None, lp)

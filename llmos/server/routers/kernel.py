@@ -4,33 +4,31 @@ requests; any other key only its own tenant's, and others' do not exist for it (
 
 from __future__ import annotations
 
+import dataclasses
+
 import anyio
 from fastapi import APIRouter, Depends
 
+from llmos.api.handle import RequestHandle
 from llmos.server.auth import Principal, authenticate, get_state
 from llmos.server.errors import not_found
 from llmos.server.routers.common import errors
 from llmos.server.schemas.kernel import ActionResult, KernelRequest, KernelRequestList, KernelStats, Renice
-from llmos.server.state import ServerState, Submitted
+from llmos.server.state import ServerState
 
 router = APIRouter(prefix="/v1/kernel", tags=["kernel"])
 
 
 async def _visible(state: ServerState, principal: Principal) -> list[KernelRequest]:
     rows = await anyio.to_thread.run_sync(state.llm.list_requests)
-    out = []
-    for r in rows:
-        if principal.may_see(r["tenant"]):
-            entry = state.table.get(r["request_id"])
-            out.append(KernelRequest(**r, user=entry.user if entry else None, created=entry.created if entry else None))
-    return out
+    return [KernelRequest(**dataclasses.asdict(r)) for r in rows if principal.may_see(r.tenant)]
 
 
-def _owned(state: ServerState, principal: Principal, request_id: str) -> Submitted:
-    entry = state.table.get(request_id)
-    if entry is None or not principal.may_see(entry.tenant):
+def _owned(state: ServerState, principal: Principal, request_id: str) -> RequestHandle:
+    handle = state.llm.request(request_id)
+    if handle is None or not principal.may_see(handle.tenant):
         raise not_found(f"request_id: no running request {request_id!r}", "request_not_found", "request_id")
-    return entry
+    return handle
 
 
 @router.get("/requests", response_model=KernelRequestList, responses=errors(400, 401))
@@ -51,9 +49,9 @@ async def get_request(request_id: str, principal: Principal = Depends(authentica
 
 
 async def _act(state: ServerState, principal: Principal, request_id: str, action: str, fn) -> ActionResult:
-    entry = _owned(state, principal, request_id)
-    ok = await anyio.to_thread.run_sync(fn, entry.handle)
-    return ActionResult(request_id=request_id, action=action, ok=bool(ok), state=entry.handle.status)
+    handle = _owned(state, principal, request_id)
+    ok = await anyio.to_thread.run_sync(fn, handle)
+    return ActionResult(request_id=request_id, action=action, ok=bool(ok), state=handle.status)
 
 
 @router.post("/requests/{request_id}/cancel", response_model=ActionResult, responses=errors(400, 401, 404))
@@ -87,10 +85,4 @@ async def renice(request_id: str, body: Renice, principal: Principal = Depends(a
 @router.get("/stats", response_model=KernelStats, responses=errors(401))
 async def stats(principal: Principal = Depends(authenticate), state: ServerState = Depends(get_state)):
     s = await anyio.to_thread.run_sync(state.llm.stats)
-    if not principal.admin:
-        mine = principal.tenant
-        s["requests_by_tenant"] = {k: {t: n for t, n in v.items() if t == mine}
-                                   for k, v in s["requests_by_tenant"].items()}
-        s["tenants"] = {t: v for t, v in s["tenants"].items() if t == mine}
-        s["histograms"] = {k: {t: v for t, v in per.items() if t == mine} for k, per in s["histograms"].items()}
-    return s
+    return (s if principal.admin else s.for_tenant(principal.tenant)).to_dict()

@@ -15,6 +15,7 @@ class KernelRequest(BaseModel):
     prompt_tokens: int
     output_tokens: int = Field(description="tokens generated so far")
     kv_blocks: int = Field(description="KV cache blocks held now")
+    owner_pid: int | None = Field(None, description="the agent process that made it, if any")
     user: str | None = None
     created: int | None = None
 
