@@ -106,3 +106,50 @@ def write_section(name: str, command: str, body: str, path: Path = RESULTS) -> N
         parts[-1] = parts[-1].rstrip("\n") + "\n\n"
         parts.append(section)
     path.write_text("".join(parts).rstrip("\n") + "\n")
+
+
+class LocalServer:
+    """`llmos serve --no-auth` on a free loopback port in a subprocess of its own, with its
+    own keys database and agents directory (kept when `home` is given, so a second server
+    can take over after the first is killed)."""
+
+    def __init__(self, home: Path, engine: dict | None = None, server: dict | None = None) -> None:
+        import json
+        import socket
+        import subprocess
+        import sys
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        sets = {"server.keys_db": str(self.home / "keys.db"), "server.agents_dir": str(self.home / "agents"),
+                "server.log_level": "warning", **{f"engine.{k}": v for k, v in (engine or {}).items()},
+                **{f"server.{k}": v for k, v in (server or {}).items()}}
+        cmd = [sys.executable, "-m", "llmos.cli", "serve", "--no-auth", "--port", str(self.port)]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={json.dumps(v)}"]
+        self.proc = subprocess.Popen(cmd, stdout=(self.home / "server.log").open("a"), stderr=subprocess.STDOUT)
+        self.started = time.perf_counter()
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 300) -> float:
+        """Seconds from start until /health answered."""
+        import httpx
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.home / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not come up")
+
+    def stop(self, sig: int | None = None) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate() if sig is None else self.proc.send_signal(sig)
+            self.proc.wait(60)

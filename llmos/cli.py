@@ -222,11 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("id")
     p.set_defaults(func=cmd_keys_revoke)
+    from llmos.cli_agents import add_commands
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: list[str] = []
+    if "--" in argv:   # `llmos run PATH [options] -- program args`: everything after -- is the program's
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if extra:
+        if not hasattr(args, "args"):
+            parser.error("arguments after -- are only for `llmos run`")
+        args.args = [*args.args, *extra]
     try:
         return args.func(args)
     except LLMOSError as e:

@@ -235,3 +235,13 @@ def test_policy_from_config():
     assert isinstance(p, PriorityPolicy) and p.aging_rate == 0.5
     assert Policy.from_config(EngineConfig(scheduling_policy="rr", rr_quantum=7), t).quantum == 7
     assert isinstance(Policy.from_config(EngineConfig(scheduling_policy="fair"), t), FairShare)
+
+
+def test_a_process_kv_quota_holds_back_only_its_own_requests():
+    m = Machine(num_blocks=64)
+    mine = [m.add(f"p{i}", prompt_len=12, max_tokens=4, group="pid:1", group_kv_quota=4) for i in range(3)]
+    other = [m.add(f"q{i}", prompt_len=12, max_tokens=4, group="pid:2") for i in range(3)]
+    m.step()
+    assert sum(s.status is SequenceStatus.RUNNING for s in mine) == 1
+    assert all(s.status is SequenceStatus.RUNNING for s in other)
+    assert m.drain() and all(len(s.output_token_ids) == 4 for s in mine + other)

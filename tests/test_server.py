@@ -36,7 +36,7 @@ class ServerProcess:
         # max_waiting bounds each tenant's queue, so 200 clients at once meet "queue full" too
         engine = {"kv_cache_memory": "256MiB", "max_waiting": 100, **(engine or {})}
         server = {"port": self.port, "keys_db": str(self.keys_db), "auth": auth, "log_level": "warning",
-                  **(server or {})}
+                  "agents_dir": str(tmp / "agents"), **(server or {})}
         import tomli_w
         self.config = tmp / "llmos.toml"
         self.config.write_text(tomli_w.dumps({"engine": engine, "server": server}))

@@ -22,6 +22,11 @@ OPERATIONS = [
     ("POST", "/v1/kernel/requests/{request_id}/cancel", 10), ("POST", "/v1/kernel/requests/{request_id}/suspend", 10),
     ("POST", "/v1/kernel/requests/{request_id}/resume", 10), ("POST", "/v1/kernel/requests/{request_id}/priority", 15),
     ("GET", "/v1/kernel/stats", 5), ("GET", "/health", 3), ("GET", "/ready", 3), ("GET", "/metrics", 3),
+    ("POST", "/v1/processes", 15), ("GET", "/v1/processes", 3), ("GET", "/v1/processes/{pid}", 5),
+    ("POST", "/v1/processes/{pid}/{action}", 5), ("POST", "/v1/processes/{pid}/renice", 8),
+    ("GET", "/v1/processes/{pid}/wait", 5), ("GET", "/v1/processes/{pid}/logs", 5), ("POST", "/v1/messages", 10),
+    ("GET", "/v1/messages/dead", 3), ("GET", "/v1/topics/{topic}", 5), ("POST", "/v1/topics/{topic}/publish", 5),
+    ("GET", "/v1/audit", 5), ("GET", "/v1/audit/verify", 3), ("POST", "/v1/sys", 10),
 ]
 
 
@@ -65,7 +70,8 @@ def _bound(body, model: str) -> None:
 # Invalid input exists only where there is a body (any path parameter string is valid).
 CASES = [(m, p, n, mode) for m, p, n in OPERATIONS for mode in ("positive", "negative")
          if mode == "positive" or p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                                         "/v1/kernel/requests/{request_id}/priority")]
+                                         "/v1/kernel/requests/{request_id}/priority", "/v1/processes",
+                                         "/v1/processes/{pid}/renice", "/v1/messages", "/v1/sys")]
 
 
 @pytest.mark.parametrize("method,path,examples,mode", CASES, ids=[f"{m} {p} {mode}" for m, p, _, mode in CASES])

@@ -59,16 +59,18 @@ class LLM:
     # -- the asynchronous API -------------------------------------------------------------
     def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
                tenant: str = "default", priority: int = 0, request_id: str | None = None,
-               user: str | None = None, owner_pid: int | None = None, weight: float = 1.0) -> RequestHandle:
+               user: str | None = None, owner_pid: int | None = None, weight: float = 1.0,
+               kv_quota: int | None = None) -> RequestHandle:
         """Queue one request (a prompt, token ids or chat messages) and return its handle at
         once. Safe to call from many threads. Raises QueueFull when the tenant's waiting
         queue is at its bound, PromptTooLongError when it can never fit. `owner_pid` names
         the agent process it belongs to: the tenant's share is split between its processes
-        by `weight` under the fair policy."""
+        by `weight` under the fair policy, and its running requests hold at most `kv_quota`
+        KV blocks together."""
         handle = RequestHandle(self.loop)
         group = None if owner_pid is None else f"pid:{owner_pid}"
         self.loop.submit(prompt, params, handle, tenant=tenant, priority=priority, request_id=request_id,
-                         user=user, owner_pid=owner_pid, group=group, weight=weight)
+                         user=user, owner_pid=owner_pid, group=group, weight=weight, group_kv_quota=kv_quota)
         return handle
 
     def request(self, request_id: str) -> RequestHandle | None:

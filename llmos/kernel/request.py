@@ -54,6 +54,7 @@ class Sequence:
     # tenant's part with the tenant's other groups by `weight`.
     group: str | None = None
     weight: float = 1.0
+    group_kv_quota: int | None = None  # KV blocks the group's running requests may hold at once
     owner_pid: int | None = None      # the agent process that made this request, if any
     user: str | None = None           # the end user the caller named (OpenAI's `user`)
     created: int = field(default_factory=lambda: int(time.time()))

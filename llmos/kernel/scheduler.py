@@ -132,7 +132,7 @@ class Scheduler:
         quotas (a tenant over quota is skipped, a running sequence that does not fit too)."""
         free_blocks = self.bm.num_blocks
         counted: set[int] = set()
-        tenant_used: dict[str, int] = {}
+        tenant_used: dict = {}      # tenant, and (tenant, group), -> blocks
         target: list[Sequence] = []
         budget = self.max_num_batched_tokens
         for seq in order:
@@ -144,12 +144,16 @@ class Scheduler:
             used = tenant_used.get(seq.tenant)
             if quota is not None and used is not None and used + need > quota:
                 continue
+            group_used = tenant_used.get((seq.tenant, seq.group))
+            if seq.group_kv_quota is not None and group_used is not None and group_used + need > seq.group_kv_quota:
+                continue
             if need + (0 if running else self.watermark_blocks) > free_blocks:
                 if running:
                     continue
                 break
             free_blocks -= need
             tenant_used[seq.tenant] = (used or 0) + need
+            tenant_used[(seq.tenant, seq.group)] = (group_used or 0) + need
             target.append(seq)
             if seq.status is SequenceStatus.WAITING:
                 budget -= min(seq.num_uncomputed_tokens, budget)

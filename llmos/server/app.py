@@ -12,9 +12,12 @@ from fastapi.openapi.utils import get_openapi
 import llmos
 from llmos.api.llm import LLM
 from llmos.server import errors
+from llmos.kernel.agents import AgentKernel
+from llmos.kernel.intrusion import IntrusionDetector
+from llmos.server.agents import ProcessLLM
 from llmos.server.embeddings import Embedder
 from llmos.server.keys import KeyStore
-from llmos.server.routers import chat, completions, embeddings, health, kernel, models
+from llmos.server.routers import chat, completions, embeddings, health, kernel, models, processes
 from llmos.server.settings import Settings
 from llmos.server.state import ServerState
 
@@ -24,12 +27,19 @@ SUBMIT_THREADS = 256
 
 def create_app(settings: Settings, llm: LLM) -> FastAPI:
     """An app serving `llm`; it owns the LLM from here on and closes it at shutdown."""
-    state = ServerState(settings=settings, llm=llm, keys=KeyStore(settings.server.keys_path), embedder=Embedder())
+    s = settings.server
+    state = ServerState(settings=settings, llm=llm, keys=KeyStore(s.keys_path), embedder=Embedder(),
+                        guard=IntrusionDetector(auth_threshold=s.auth_failure_threshold))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.submit_limiter = anyio.CapacityLimiter(SUBMIT_THREADS)
+        host = s.host if ":" not in s.host else f"[{s.host}]"
+        state.agents = AgentKernel(s.agents_path, f"http://{host}:{s.port}", ProcessLLM(state.llm, state.embedder),
+                                   kill_grace=s.kill_grace, denial_threshold=s.denial_threshold,
+                                   max_restarts=s.max_restarts, restart_backoff=(0.1, s.restart_backoff_max))
         yield
+        state.agents.shutdown()
         state.llm.close()
         state.keys.close()
 
@@ -37,7 +47,8 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
                   description="OpenAI-compatible API and kernel API of llmos, an operating system for LLMs.")
     app.state.llmos = state
     errors.install(app)
-    for r in (chat.router, completions.router, embeddings.router, models.router, kernel.router, health.router):
+    for r in (chat.router, completions.router, embeddings.router, models.router, kernel.router, processes.router,
+              processes.sys_router, health.router):
         app.include_router(r)
     app.openapi = lambda: _openapi(app)
     return app

@@ -52,10 +52,36 @@ def not_found(message: str, code: str = "not_found", param: str | None = None) -
     return APIError(404, message, param=param, code=code)
 
 
+# Kernel errors by class name (so errors replayed from a durable process's journal, which
+# carry only the name, map the same): status, type, code.
+_KINDS = {
+    "PermissionDenied": (403, "permission_error", "permission_denied"),
+    "LimitExceeded": (403, "permission_error", "limit_exceeded"),
+    "NoSuchProcess": (404, "invalid_request_error", "process_not_found"),
+    "NotFound": (404, "invalid_request_error", "not_found"),
+    "NoSuchMessage": (404, "invalid_request_error", "message_not_found"),
+    "DeadlockError": (409, "invalid_request_error", "deadlock"),
+    "Nondeterminism": (409, "invalid_request_error", "nondeterminism"),
+    "NameTaken": (409, "invalid_request_error", "name_taken"),
+    "MailboxFull": (429, "rate_limit_error", "mailbox_full"),
+    "MessageTooLarge": (413, "invalid_request_error", "message_too_large"),
+    "QuotaExceeded": (413, "invalid_request_error", "quota_exceeded"),
+    "PathEscape": (400, "invalid_request_error", "path_escape"),
+    "InvalidRequestError": (400, "invalid_request_error", "invalid_value"),
+    "PromptTooLongError": (413, "invalid_request_error", "context_length_exceeded"),
+}
+
+
 def from_llmos(e: LLMOSError) -> APIError:
     """The HTTP form of an error the engine or kernel raised."""
     message = str(e)
     param = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
+    kind = getattr(e, "kind", None) or type(e).__name__
+    if kind in _KINDS:
+        status, type_, code = _KINDS[kind]
+        param = getattr(e, "capability", None) or getattr(e, "limit", None) or getattr(e, "param", None) or param
+        return APIError(status, message, type_, param=param, code=code,
+                        retry_after=1 if status == 429 else None)
     if isinstance(e, PromptTooLongError):
         return APIError(413, message, param=param or "messages", code="context_length_exceeded")
     if isinstance(e, InvalidRequestError):

@@ -75,6 +75,43 @@ class KernelCollector:
             yield h
         yield GaugeMetricFamily("llmos_http_requests_in_flight", "Generation and embedding requests being served",
                                 value=self.state.drain.in_flight)
+        if self.state.agents is not None:
+            yield from self._agents()
+
+    def _agents(self) -> Iterator[Metric]:
+        agents, guard = self.state.agents, self.state.guard
+        g = GaugeMetricFamily("llmos_processes", "Agent processes by state", labels=["state"])
+        counts: dict[str, int] = {}
+        for p in agents.table.list(include_exited=True):
+            counts[p.state.value] = counts.get(p.state.value, 0) + 1
+        for state, n in counts.items():
+            g.add_metric([state], n)
+        yield g
+        c = CounterMetricFamily("llmos_syscalls", "System calls by family and outcome (ok, error, denied, replayed)",
+                                labels=["family", "outcome"])
+        for (family, outcome), n in sorted(agents.syscalls.counts.items()):
+            c.add_metric([family, outcome], n)
+        yield c
+        yield CounterMetricFamily("llmos_syscall_denials", "System calls refused for a missing capability",
+                                  value=agents.intrusion.denials)
+        q = agents.ipc.stats()
+        c = CounterMetricFamily("llmos_messages", "Messages by event", labels=["event"])
+        for event in ("sent", "delivered", "redelivered", "acked", "dead_lettered"):
+            c.add_metric([event], q.get(event, 0))
+        yield c
+        g = GaugeMetricFamily("llmos_mailbox_depth", "Unacknowledged messages per tenant", labels=["tenant"])
+        per: dict[str, int] = {}
+        for (tenant, _), n in agents.ipc.depths().items():
+            per[tenant] = per.get(tenant, 0) + n
+        for tenant, n in per.items():
+            g.add_metric([tenant], n)
+        yield g
+        yield GaugeMetricFamily("llmos_messages_in_flight", "Messages received but not yet acknowledged",
+                                value=q.get("in_flight", 0))
+        yield CounterMetricFamily("llmos_processes_flagged", "Agents suspended for too many denied calls",
+                                  value=agents.intrusion.processes_flagged)
+        yield CounterMetricFamily("llmos_addresses_blocked", "Client addresses refused after too many bad API keys",
+                                  value=guard.addresses_blocked)
 
 
 def _bound(b: float) -> str:

@@ -28,6 +28,12 @@ class ServerSettings:
     keys_db: str = ""                 # SQLite file of API keys; "" = $LLMOS_HOME/keys.db
     drain_timeout: float = 30.0       # seconds SIGTERM waits for in-flight requests before cancelling them
     default_max_tokens: int = 1024    # when a request sets no max_tokens (capped by what the context leaves)
+    agents_dir: str = ""              # process table, mailboxes, files, journal, audit log; "" = $LLMOS_HOME/agents
+    kill_grace: float = 5.0           # seconds between SIGTERM and SIGKILL when an agent is killed
+    max_restarts: int = 5             # restarts within a minute before an agent's restart policy gives up
+    restart_backoff_max: float = 5.0  # the longest wait before a restart (0.1 s, doubling up to this)
+    denial_threshold: int = 20        # denied system calls in a minute that get an agent suspended and flagged
+    auth_failure_threshold: int = 10  # bad API keys in a minute from one address before it is refused for a while
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -37,6 +43,11 @@ class ServerSettings:
         integer("server.port", self.port, 0, 65535)
         integer("server.default_max_tokens", self.default_max_tokens, 1, 1 << 30)
         number("server.drain_timeout", self.drain_timeout, 0)
+        number("server.kill_grace", self.kill_grace, 0)
+        integer("server.denial_threshold", self.denial_threshold, 1)
+        integer("server.max_restarts", self.max_restarts, 0)
+        number("server.restart_backoff_max", self.restart_backoff_max, 0)
+        integer("server.auth_failure_threshold", self.auth_failure_threshold, 1)
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise InvalidRequestError(f"server.log_level: must be critical, error, warning, info or debug, "
                                       f"got {self.log_level!r}")
@@ -46,6 +57,10 @@ class ServerSettings:
     @property
     def keys_path(self) -> Path:
         return Path(self.keys_db).expanduser() if self.keys_db else llmos_home() / "keys.db"
+
+    @property
+    def agents_path(self) -> Path:
+        return Path(self.agents_dir).expanduser() if self.agents_dir else llmos_home() / "agents"
 
 
 @dataclass

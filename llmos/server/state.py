@@ -9,6 +9,8 @@ import anyio
 from dataclasses import dataclass, field
 
 from llmos.api.llm import LLM
+from llmos.kernel.agents import AgentKernel
+from llmos.kernel.intrusion import IntrusionDetector
 from llmos.server.drain import Drain
 from llmos.server.embeddings import Embedder
 from llmos.server.keys import KeyStore
@@ -24,6 +26,9 @@ class ServerState:
     embedder: Embedder
     limiter: RateLimiter = field(default_factory=RateLimiter)
     drain: Drain = field(default_factory=Drain)
+    agents: AgentKernel | None = None          # started with the server (lifespan)
+    # Bad API keys per client address; past the threshold the address is refused for a while.
+    guard: IntrusionDetector = field(default_factory=IntrusionDetector)
     started: int = field(default_factory=lambda: int(time.time()))
     # Threads that may wait on the engine lock to submit at once. Many: a submit waits out the
     # engine step in progress, and every caller waiting then joins the next step together.

@@ -1,0 +1,218 @@
+"""`llmos run | ps | kill | suspend | resume | renice | wait | logs | send | audit`: agents,
+steered over HTTP against a running server (`--url`, default $LLMOS_URL or the local
+server). The API key comes from $LLMOS_API_KEY, else $LLMOS_HOME/api_key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from llmos.config import llmos_home, parse_size
+from llmos.errors import LLMOSError
+
+FINAL = ("exited", "killed", "failed")
+
+
+class Server:
+    def __init__(self, url: str | None) -> None:
+        import httpx
+        self.url = (url or os.environ.get("LLMOS_URL") or "http://127.0.0.1:8000").rstrip("/")
+        key = os.environ.get("LLMOS_API_KEY")
+        if not key and (llmos_home() / "api_key").exists():
+            key = (llmos_home() / "api_key").read_text().strip()
+        self.http = httpx.Client(base_url=self.url, timeout=60,
+                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    def request(self, method: str, path: str, **kw):
+        import httpx
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.ConnectError:
+            raise LLMOSError(f"cannot reach the llmos server at {self.url} (is `llmos serve` running? --url)") from None
+        if r.status_code >= 400:
+            try:
+                message = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = r.text or f"HTTP {r.status_code}"
+            raise LLMOSError(message)
+        return r
+
+    def wait(self, pid: int) -> dict:
+        while True:
+            r = self.request("GET", f"/v1/processes/{pid}/wait", params={"timeout": 20}).json()
+            if r["done"]:
+                return r
+
+
+def _exit_status(code: int | None) -> int:
+    """A shell's exit status for a process's exit code (128 + N for killed by signal N)."""
+    if code is None:
+        return 1
+    return 128 - code if code < 0 else code
+
+
+def cmd_run(args) -> int:
+    s = Server(args.url)
+    path = args.path if (":" in args.path and not os.path.exists(args.path)) else os.path.abspath(args.path)
+    limits = {k: v for k, v in (("max_tokens", args.max_tokens), ("kv_quota", args.kv_quota),
+                                ("max_wall", args.max_wall), ("max_cpu", args.max_cpu),
+                                ("max_children", args.max_children),
+                                ("max_memory", parse_size(args.max_memory, "max_memory") if args.max_memory else None))
+              if v is not None}
+    body = {"path": path, "name": args.name, "caps": args.cap, "args": args.args, "restart": args.restart,
+            "durable": args.durable, "limits": limits, "cwd": os.getcwd(), "weight": args.weight}
+    if args.priority is not None:
+        body["priority"] = args.priority
+    proc = s.request("POST", "/v1/processes", json=body).json()
+    print(proc["pid"], flush=True)
+    if args.wait:
+        return _exit_status(s.wait(proc["pid"])["exit_code"])
+    return 0
+
+
+def cmd_ps(args) -> int:
+    rows = Server(args.url).request("GET", "/v1/processes", params={"all": str(args.all).lower()}).json()["data"]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'PID':>6} {'PPID':>6} {'NAME':<24} {'STATE':<10} {'EXIT':>5} {'RESTARTS':>8} {'TENANT':<12} "
+          f"{'PRI':>4} {'TOKENS':>8}")
+    for p in rows:
+        code = "-" if p["exit_code"] is None else p["exit_code"]
+        print(f"{p['pid']:>6} {p['ppid'] or '-':>6} {p['name'][:24]:<24} {p['state']:<10} {code:>5} "
+              f"{p['restarts']:>8} {p['tenant'][:12]:<12} {p['priority']:>4} {p['prompt_tokens'] + p['output_tokens']:>8}")
+    return 0
+
+
+def cmd_action(args) -> int:
+    r = Server(args.url).request("POST", f"/v1/processes/{args.pid}/{args.command}").json()
+    print(f"{r['pid']}: {r['state']}")
+    return 0 if r["ok"] else 1
+
+
+def cmd_renice(args) -> int:
+    r = Server(args.url).request("POST", f"/v1/processes/{args.pid}/renice",
+                                 json={"priority": args.priority, "weight": args.weight}).json()
+    print(f"{r['pid']}: priority {r['priority']}, weight {r['weight']:g}")
+    return 0 if r["ok"] else 1
+
+
+def cmd_wait(args) -> int:
+    r = Server(args.url).wait(args.pid)
+    print(f"{args.pid}: {r['state']} ({r['reason']}), exit code {r['exit_code']}")
+    return _exit_status(r["exit_code"])
+
+
+def cmd_logs(args) -> int:
+    s = Server(args.url)
+    offset = 0
+    while True:
+        r = s.request("GET", f"/v1/processes/{args.pid}/logs", params={"offset": offset})
+        sys.stdout.buffer.write(r.content)
+        sys.stdout.flush()
+        offset = int(r.headers.get("X-Log-Size", offset + len(r.content)))
+        if not args.follow or s.request("GET", f"/v1/processes/{args.pid}").json()["state"] in FINAL:
+            if args.follow:   # what it wrote between the last read and its end
+                sys.stdout.buffer.write(s.request("GET", f"/v1/processes/{args.pid}/logs",
+                                                  params={"offset": offset}).content)
+            return 0
+        time.sleep(0.5)
+
+
+def cmd_send(args) -> int:
+    try:
+        body = json.loads(args.json)
+    except ValueError as e:
+        raise LLMOSError(f"JSON: not valid JSON: {e}") from None
+    to = int(args.name) if args.name.isdigit() else args.name
+    print(Server(args.url).request("POST", "/v1/messages", json={"to": to, "body": body}).json()["id"])
+    return 0
+
+
+def cmd_audit(args) -> int:
+    s = Server(args.url)
+    if args.what == "verify":
+        r = s.request("GET", "/v1/audit/verify").json()
+        print(f"audit log intact: {r['checked']} records" if r["ok"] else
+              f"audit log TAMPERED: first bad record {r['first_bad']}: {r['problem']}")
+        return 0 if r["ok"] else 1
+    params = {"limit": args.limit, **({"pid": args.pid} if args.pid is not None else {}),
+              **({"denied": "true"} if args.denied else {})}
+    rows = s.request("GET", "/v1/audit", params=params).json()["data"]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        stamp = time.strftime("%H:%M:%S", time.localtime(r["time"]))
+        verdict = "allowed" if r["allowed"] else f"DENIED ({r['reason']})"
+        print(f"{stamp} pid {r['pid']} {r['tenant']} {r['call']:<14} {verdict} -> {r['outcome']}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    def server_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=None, help="the llmos server (default $LLMOS_URL or http://127.0.0.1:8000)")
+
+    p = sub.add_parser("run", help="start an agent program as a process; prints its pid")
+    p.add_argument("path", help="a .py file (relative to here) or package.module:function")
+    p.add_argument("--name", default=None)
+    p.add_argument("--cap", action="append", default=None, help="a capability (repeatable); none given: all")
+    p.add_argument("--max-tokens", type=int, default=None, help="LLM tokens over the process's life")
+    p.add_argument("--kv-quota", type=int, default=None, help="KV blocks its requests may hold at once")
+    p.add_argument("--max-wall", type=float, default=None, help="seconds of wall-clock time")
+    p.add_argument("--max-memory", default=None, help="address space, e.g. 2GiB")
+    p.add_argument("--max-cpu", type=int, default=None, help="CPU seconds")
+    p.add_argument("--max-children", type=int, default=None)
+    p.add_argument("--priority", type=int, default=None, help="lower runs first")
+    p.add_argument("--weight", type=float, default=1.0, help="its share of the tenant's part under fair scheduling")
+    p.add_argument("--restart", choices=["never", "on-failure", "always"], default="never")
+    p.add_argument("--durable", action="store_true", help="journal its system calls; replay them after a restart")
+    p.add_argument("--wait", action="store_true", help="wait for it and exit with its exit code")
+    p.add_argument("args", nargs="*", help="the program's arguments (after --)")
+    server_arg(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("ps", help="list agent processes")
+    p.add_argument("--all", action="store_true", help="include ended ones")
+    p.add_argument("--json", action="store_true")
+    server_arg(p)
+    p.set_defaults(func=cmd_ps)
+    for name, help_text in (("kill", "end a process and its children (SIGTERM, then SIGKILL)"),
+                            ("suspend", "stop a process and take its LLM requests' KV out of the pool"),
+                            ("resume", "continue a suspended process")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("pid", type=int)
+        server_arg(p)
+        p.set_defaults(func=cmd_action)
+    p = sub.add_parser("renice", help="change a process's priority and weight, its queued requests' too")
+    p.add_argument("pid", type=int)
+    p.add_argument("--priority", type=int, required=True)
+    p.add_argument("--weight", type=float, default=None)
+    server_arg(p)
+    p.set_defaults(func=cmd_renice)
+    p = sub.add_parser("wait", help="wait for a process to end; exits with its exit code")
+    p.add_argument("pid", type=int)
+    server_arg(p)
+    p.set_defaults(func=cmd_wait)
+    p = sub.add_parser("logs", help="a process's stdout and stderr")
+    p.add_argument("pid", type=int)
+    p.add_argument("-f", "--follow", action="store_true")
+    server_arg(p)
+    p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("send", help="send a JSON message to a process, by name or pid")
+    p.add_argument("name")
+    p.add_argument("json")
+    server_arg(p)
+    p.set_defaults(func=cmd_send)
+    p = sub.add_parser("audit", help="the system call audit log; `llmos audit verify` checks its hash chain")
+    p.add_argument("what", nargs="?", choices=["verify"], default=None)
+    p.add_argument("--pid", type=int, default=None)
+    p.add_argument("--denied", action="store_true", help="only refused calls")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    server_arg(p)
+    p.set_defaults(func=cmd_audit)
+
+

@@ -1,0 +1,374 @@
+"""Agents as processes: the parts of the kernel that run programs, assembled.
+
+`AgentKernel` owns the durable process table and its supervisor, the message queues, the
+tenant storage, the syscall journal, the audit log and intrusion detection, and the
+handlers of every system call. What it needs of the LLM (run a request for a process,
+suspend or cancel a process's requests) comes in as an `LLMService`, so the kernel never
+imports the engine: an agent's LLM requests are ordinary kernel requests carrying its
+tenant, priority and weight, and its pid so they can be found again.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmos.errors import InvalidRequestError
+from llmos.kernel.audit import AuditLog
+from llmos.kernel.capabilities import ALL, Capabilities, PermissionDenied, parse
+from llmos.kernel.intrusion import IntrusionDetector
+from llmos.kernel.ipc import MessageQueue
+from llmos.kernel.journal import Journal
+from llmos.kernel.process import LimitExceeded, Limits, NoSuchProcess, Process, ProcessState, ProcessTable
+from llmos.kernel.storage import TenantStorage
+from llmos.kernel.supervisor import Supervisor
+from llmos.kernel.syscall import SyscallTable
+from llmos.validate import integer as _int, number
+
+MAX_BLOCK = 20.0     # seconds one blocking call may wait; the SDK calls again for longer waits
+
+
+class LLMService(Protocol):
+    def generate(self, proc: Process, prompt: str | list[dict], sampling: dict) -> dict: ...
+
+    def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+    def cancel(self, pid: int) -> None: ...
+
+    def suspend(self, pid: int) -> None: ...
+
+    def resume(self, pid: int) -> None: ...
+
+    def renice(self, pid: int, priority: int, weight: float) -> None: ...
+
+
+def _launcher(proc: Process) -> list[str]:
+    return [sys.executable, "-m", "llmos.agent.run", *proc.argv]
+
+
+class AgentKernel:
+    def __init__(self, home: Path, url: str, llm: LLMService, *, kill_grace: float = 5.0,
+                 visibility_timeout: float = 30.0, dead_letter_ttl: float = 3600.0,
+                 denial_threshold: int = 20, max_restarts: int = 5,
+                 restart_backoff: tuple[float, float] = (0.1, 5.0)) -> None:
+        home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
+        self.llm = llm
+        self.table = ProcessTable(home / "processes.db")
+        self.ipc = MessageQueue(home / "messages.db", visibility_timeout=visibility_timeout,
+                                dead_letter_ttl=dead_letter_ttl)
+        self.storage = TenantStorage(home / "files")
+        self.journal = Journal(home / "journal.db")
+        self.audit = AuditLog(home / "audit.db", home / "audit.key")
+        self.intrusion = IntrusionDetector(denial_threshold=denial_threshold)
+        self.supervisor = Supervisor(self.table, home, launcher=_launcher, env={"LLMOS_URL": url},
+                                     on_exit=self._on_exit, on_suspend=llm.suspend, on_resume=llm.resume,
+                                     kill_grace=kill_grace, max_restarts=max_restarts,
+                                     restart_backoff=restart_backoff)
+        self.syscalls = SyscallTable(self._handlers(), self.audit, self.journal, self.intrusion,
+                                     on_intrusion=self._intrusion, on_call=self._count_call,
+                                     checked_args=self._checked_args)
+        self._stop = threading.Event()
+        self.restarted = self.recover()
+        self._sweeper = threading.Thread(target=self._sweep, name="llmos-ipc-sweep", daemon=True)
+        self._sweeper.start()
+
+    # -- life cycle -------------------------------------------------------------------------
+    def recover(self) -> list[int]:
+        """After a kernel restart: orphans of the old kernel are killed, lost processes
+        restarted as their policy says; mailboxes of processes that are gone are closed so
+        their messages dead-letter after the TTL unless a process of that name returns."""
+        restarted = self.supervisor.recover()
+        live = {(p.tenant, p.name) for p in self.table.list() if p.state.live}
+        for p in self.table.list(include_exited=True):
+            if (p.tenant, p.name) in live:
+                self.ipc.open(p.tenant, p.name)
+            else:
+                self.ipc.close(p.tenant, p.name)
+        self.journal.prune_exited(p.pid for p in self.table.list(include_exited=True) if not p.state.live)
+        return restarted
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.supervisor.shutdown()
+        self.ipc.shutdown()
+
+    def _sweep(self) -> None:
+        while not self._stop.wait(5.0):
+            self.ipc.sweep()
+
+    def _on_exit(self, proc: Process) -> None:
+        self.llm.cancel(proc.pid)
+        if proc.state.live:           # a restart follows: what it held unacked comes back
+            self.ipc.release(proc.tenant, proc.name)
+            return
+        self.ipc.close(proc.tenant, proc.name)
+        self.journal.prune(proc.pid)
+
+    def _intrusion(self, proc: Process) -> None:
+        """Too many denied calls in the window: suspend the process and flag it."""
+        self.supervisor.suspend(proc.pid)
+
+    def _checked_args(self, proc: Process, call: str, args: dict) -> dict:
+        """A send addressed by pid is checked against msg:send:<that process's name>."""
+        to = args.get("to")
+        if call == "msg.send" and isinstance(to, int) and not isinstance(to, bool):
+            return {**args, "to": self.resolve(proc.tenant, to)}
+        return args
+
+    def _count_call(self, proc: Process) -> None:
+        self.table.add_usage(proc.pid, syscalls=1)
+
+    def spawn(self, *, tenant: str, path: str, args=(), cwd: str | None = None, name: str | None = None,
+              caps=None, limits: dict | None = None, priority: int = 0, weight: float = 1.0,
+              restart: str = "never", durable: bool = False, key_id: str | None = None,
+              parent: Process | None = None) -> Process:
+        """Start an agent. A child's capabilities and limits must be a subset of its parent's;
+        None means the parent's (all, for a process a user starts)."""
+        program, cwd = _program(path, cwd)
+        if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
+            raise InvalidRequestError(f"args: must be a list of strings, got {args!r}")
+        have = Capabilities(parent.caps if parent else ALL)
+        want = Capabilities(have.caps if caps is None else parse(caps))
+        missing = have.missing(want)
+        if missing:
+            raise PermissionDenied("proc.spawn", parent.pid if parent else 0, missing[0])
+        base = parent.limits if parent else Limits()
+        lim = Limits.from_dict(limits or {}, base=base) if limits or parent else None
+        if parent is not None and priority < parent.priority:
+            raise LimitExceeded("priority", f"a child may not run at priority {priority}, more urgent "
+                                            f"than its parent's {parent.priority}")
+        proc = self.supervisor.spawn(tenant=tenant, argv=[program, *args], cwd=cwd, name=name,
+                                     ppid=parent.pid if parent else None, key_id=key_id, caps=list(want.caps),
+                                     limits=lim, priority=priority, weight=weight, restart=restart, durable=durable)
+        self.ipc.open(tenant, proc.name)
+        return proc
+
+    def process(self, pid: int, tenant: str | None = None) -> Process:
+        proc = self.table.get(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None
+        if proc is None or (tenant is not None and proc.tenant != tenant):
+            raise NoSuchProcess(f"pid: no process {pid!r}")
+        return proc
+
+    def renice(self, pid: int, priority: int, weight: float | None = None) -> bool:
+        ok = self.supervisor.renice(pid, priority, weight)
+        if ok:
+            p = self.table.get(pid)
+            self.llm.renice(pid, p.priority, p.weight)
+        return ok
+
+    def resolve(self, tenant: str, to) -> str:
+        """The mailbox a send addresses: a pid or a name of one of the tenant's processes
+        (live or not: messages to a name wait for a restarted process of that name)."""
+        if isinstance(to, int) and not isinstance(to, bool):
+            return self.process(to, tenant).name
+        if isinstance(to, str) and to:
+            if self.table.by_name(tenant, to) is None:
+                raise NoSuchProcess(f"to: no process named {to!r}")
+            return to
+        raise InvalidRequestError(f"to: must be a pid or a process name, got {to!r}")
+
+    # -- system calls ---------------------------------------------------------------------
+    def _handlers(self) -> dict:
+        return {
+            "llm.chat": self._llm_chat, "llm.generate": self._llm_generate, "llm.embed": self._llm_embed,
+            "msg.send": self._msg_send, "msg.recv": self._msg_recv, "msg.ack": self._msg_ack,
+            "msg.publish": self._msg_publish, "msg.subscribe": self._msg_subscribe,
+            "msg.unsubscribe": self._msg_unsubscribe,
+            "proc.spawn": self._proc_spawn, "proc.wait": self._proc_wait, "proc.kill": self._proc_kill,
+            "proc.suspend": self._proc_suspend, "proc.resume": self._proc_resume, "proc.renice": self._proc_renice,
+            "proc.ps": self._proc_ps, "proc.self": self._proc_self, "proc.exit": self._proc_exit,
+            "fs.read": self._fs_read, "fs.write": self._fs_write, "fs.append": self._fs_append,
+            "fs.list": self._fs_list, "fs.delete": self._fs_delete, "fs.stat": self._fs_stat,
+        }
+
+    def _blocked(self, proc: Process):
+        return _Blocked(self.supervisor, proc.pid)
+
+    def _llm(self, proc: Process, prompt, sampling) -> dict:
+        if not isinstance(sampling, dict):
+            raise InvalidRequestError(f"sampling: must be an object, got {sampling!r}")
+        cap = proc.limits.max_tokens
+        if cap is not None:
+            fresh = self.table.get(proc.pid)
+            left = cap - fresh.prompt_tokens - fresh.output_tokens
+            if left <= 0:
+                raise LimitExceeded("max_tokens", f"process {proc.pid} has used its {cap} LLM tokens")
+            sampling = {**sampling, "max_tokens": min(sampling.get("max_tokens", 256), left)}
+        with self._blocked(proc):
+            out = self.llm.generate(proc, prompt, sampling)
+        self.table.add_usage(proc.pid, prompt_tokens=out["prompt_tokens"], output_tokens=out["output_tokens"])
+        return out
+
+    def _llm_chat(self, proc, a):
+        messages = a.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise InvalidRequestError("messages: must be a non-empty list of {'role': str, 'content': str}")
+        return self._llm(proc, [{"role": m["role"], "content": m["content"]} for m in messages], a.get("sampling", {}))
+
+    def _llm_generate(self, proc, a):
+        prompt = a.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequestError(f"prompt: must be a non-empty string, got {prompt!r}")
+        return self._llm(proc, prompt, a.get("sampling", {}))
+
+    def _llm_embed(self, proc, a):
+        texts = a.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequestError("input: must be a string or a non-empty list of strings")
+        return {"embeddings": self.llm.embed(texts)}
+
+    def _msg_send(self, proc, a):
+        mailbox = self.resolve(proc.tenant, a.get("to"))
+        block = a.get("block")
+        if block is not None:
+            block = min(float(_nonneg("block", block)), MAX_BLOCK)
+        mid = self.ipc.send(proc.tenant, mailbox, a.get("body"), sender=proc.pid, sender_name=proc.name, block=block)
+        self.table.add_usage(proc.pid, messages=1)
+        return {"id": mid}
+
+    def _msg_recv(self, proc, a):
+        timeout = a.get("timeout")
+        timeout = MAX_BLOCK if timeout is None else min(float(_nonneg("timeout", timeout)), MAX_BLOCK)
+        with self._blocked(proc):
+            m = self.ipc.recv(proc.tenant, proc.name, timeout)
+        return {"message": None if m is None else asdict(m)}
+
+    def _msg_ack(self, proc, a):
+        self.ipc.ack(proc.tenant, proc.name, _int("id", a.get("id")))
+        return {}
+
+    def _msg_publish(self, proc, a):
+        n = self.ipc.publish(proc.tenant, a["topic"], a.get("body"), sender=proc.pid, sender_name=proc.name)
+        self.table.add_usage(proc.pid, messages=1)
+        return {"delivered": n}
+
+    def _msg_subscribe(self, proc, a):
+        self.ipc.subscribe(proc.tenant, a["topic"], proc.name)
+        return {}
+
+    def _msg_unsubscribe(self, proc, a):
+        self.ipc.unsubscribe(proc.tenant, a["topic"], proc.name)
+        return {}
+
+    def _steerable(self, proc: Process, pid) -> Process:
+        """A process may steer only itself and its descendants."""
+        target = self.process(_int("pid", pid), proc.tenant)
+        if target.pid != proc.pid and target.pid not in {d.pid for d in self.table.descendants(proc.pid)}:
+            raise PermissionDenied("proc", proc.pid, f"proc:steer:{target.pid}")
+        return target
+
+    def _proc_spawn(self, proc, a):
+        child = self.spawn(tenant=proc.tenant, path=a.get("path"), args=a.get("args") or [], name=a.get("name"),
+                           caps=a.get("caps"), limits=a.get("limits"), priority=a.get("priority", proc.priority),
+                           weight=a.get("weight", 1.0), restart=a.get("restart", "never"),
+                           durable=bool(a.get("durable", False)), key_id=proc.key_id, parent=proc)
+        return {"pid": child.pid}
+
+    def _proc_wait(self, proc, a):
+        target = self._steerable(proc, a.get("pid"))
+        timeout = a.get("timeout")
+        timeout = MAX_BLOCK if timeout is None else min(float(_nonneg("timeout", timeout)), MAX_BLOCK)
+        with self._blocked(proc):
+            code = self.supervisor.wait(target.pid, timeout=timeout, waiter=proc.pid)
+        done = not self.table.get(target.pid).state.live
+        return {"exit_code": code if done else None, "done": done}
+
+    def _proc_kill(self, proc, a):
+        return {"ok": self.supervisor.kill(self._steerable(proc, a.get("pid")).pid)}
+
+    def _proc_suspend(self, proc, a):
+        return {"ok": self.supervisor.suspend(self._steerable(proc, a.get("pid")).pid)}
+
+    def _proc_resume(self, proc, a):
+        return {"ok": self.supervisor.resume(self._steerable(proc, a.get("pid")).pid)}
+
+    def _proc_renice(self, proc, a):
+        target = self._steerable(proc, a.get("pid"))
+        priority = _int("priority", a.get("priority"))
+        if priority < proc.priority:
+            raise LimitExceeded("priority", f"may not renice to {priority}, more urgent than its own {proc.priority}")
+        weight = a.get("weight")
+        return {"ok": self.renice(target.pid, priority, None if weight is None else float(_nonneg("weight", weight)))}
+
+    def _proc_ps(self, proc, a):
+        return {"processes": [p.to_dict() for p in self.table.list(proc.tenant, include_exited=bool(a.get("all")))]}
+
+    def _proc_self(self, proc, a):
+        return self.table.get(proc.pid).to_dict()
+
+    def _proc_exit(self, proc, a):
+        _int("code", a.get("code", 0))
+        return {}
+
+    def _fs_read(self, proc, a):
+        return {"data": base64.b64encode(self.storage.read(proc.tenant, a["path"])).decode()}
+
+    def _fs_write(self, proc, a):
+        self.storage.write(proc.tenant, a["path"], _b64(a.get("data")))
+        return {}
+
+    def _fs_append(self, proc, a):
+        self.storage.append(proc.tenant, a["path"], _b64(a.get("data")))
+        return {}
+
+    def _fs_list(self, proc, a):
+        return {"entries": self.storage.list(proc.tenant, a.get("path", ""))}
+
+    def _fs_delete(self, proc, a):
+        self.storage.delete(proc.tenant, a["path"])
+        return {}
+
+    def _fs_stat(self, proc, a):
+        return self.storage.stat(proc.tenant, a["path"])
+
+
+class _Blocked:
+    """The process shows as blocked while it waits inside a system call."""
+
+    def __init__(self, supervisor: Supervisor, pid: int) -> None:
+        self.supervisor, self.pid = supervisor, pid
+
+    def __enter__(self):
+        self.supervisor.set_state(self.pid, ProcessState.BLOCKED)
+
+    def __exit__(self, *exc):
+        self.supervisor.set_state(self.pid, ProcessState.RUNNING)
+
+
+def _program(path, cwd: str | None) -> tuple[str, str]:
+    """The program to run (an absolute .py path, or module:function) and its directory."""
+    if not isinstance(path, str) or not path:
+        raise InvalidRequestError(f"path: must be a file path or module:function, got {path!r}")
+    if ":" in path and not os.path.exists(path):
+        module, _, func = path.partition(":")
+        if not module or not func or not all(p.isidentifier() for p in module.split(".") + [func]):
+            raise InvalidRequestError(f"path: {path!r} is neither a file nor module:function")
+        return path, cwd or os.getcwd()
+    if not os.path.isabs(path):
+        raise InvalidRequestError(f"path: must be absolute (resolve it against the caller's directory), got {path!r}")
+    if not os.path.isfile(path):
+        raise InvalidRequestError(f"path: no such file {path!r}")
+    return path, cwd or os.path.dirname(path)
+
+
+def _nonneg(name: str, v) -> float:
+    return number(name, v, 0)
+
+
+def _b64(data) -> bytes:
+    if not isinstance(data, str):
+        raise InvalidRequestError("data: must be base64 text")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise InvalidRequestError("data: not valid base64") from None
+
