@@ -230,13 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra: list[str] = []
-    if "--" in argv:   # `llmos run PATH [options] -- program args`: everything after -- is the program's
+    if argv[:1] == ["run"] and "--" in argv:   # `llmos run PATH [options] -- program args`: the program's own
         argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if extra:
-        if not hasattr(args, "args"):
-            parser.error("arguments after -- are only for `llmos run`")
         args.args = [*args.args, *extra]
     try:
         return args.func(args)

@@ -14,9 +14,13 @@ from llmos.config import llmos_home, parse_size
 from llmos.errors import LLMOSError
 
 FINAL = ("exited", "killed", "failed")
+LIMITS = ("max_tokens", "kv_quota", "max_wall", "max_memory", "max_cpu", "max_children")
 
 
 class Server:
+    """The llmos server's process API, with the caller's API key; every failure becomes an
+    LLMOSError carrying the server's own message."""
+
     def __init__(self, url: str | None) -> None:
         import httpx
         self.url = (url or os.environ.get("LLMOS_URL") or "http://127.0.0.1:8000").rstrip("/")
@@ -32,6 +36,8 @@ class Server:
             r = self.http.request(method, path, **kw)
         except httpx.ConnectError:
             raise LLMOSError(f"cannot reach the llmos server at {self.url} (is `llmos serve` running? --url)") from None
+        except httpx.TransportError as e:
+            raise LLMOSError(f"lost the llmos server at {self.url}: {e or type(e).__name__}") from None
         if r.status_code >= 400:
             try:
                 message = r.json()["error"]["message"]
@@ -55,15 +61,12 @@ def _exit_status(code: int | None) -> int:
 
 
 def cmd_run(args) -> int:
+    from llmos.agent.run import resolve_program
     s = Server(args.url)
-    path = args.path if (":" in args.path and not os.path.exists(args.path)) else os.path.abspath(args.path)
-    limits = {k: v for k, v in (("max_tokens", args.max_tokens), ("kv_quota", args.kv_quota),
-                                ("max_wall", args.max_wall), ("max_cpu", args.max_cpu),
-                                ("max_children", args.max_children),
-                                ("max_memory", parse_size(args.max_memory, "max_memory") if args.max_memory else None))
-              if v is not None}
-    body = {"path": path, "name": args.name, "caps": args.cap, "args": args.args, "restart": args.restart,
-            "durable": args.durable, "limits": limits, "cwd": os.getcwd(), "weight": args.weight}
+    limits = {k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None}
+    body = {"path": resolve_program(args.path, os.getcwd()), "name": args.name, "caps": args.cap, "args": args.args,
+            "restart": args.restart, "durable": args.durable, "limits": limits, "cwd": os.getcwd(),
+            "weight": args.weight}
     if args.priority is not None:
         body["priority"] = args.priority
     proc = s.request("POST", "/v1/processes", json=body).json()
@@ -81,9 +84,11 @@ def cmd_ps(args) -> int:
     print(f"{'PID':>6} {'PPID':>6} {'NAME':<24} {'STATE':<10} {'EXIT':>5} {'RESTARTS':>8} {'TENANT':<12} "
           f"{'PRI':>4} {'TOKENS':>8}")
     for p in rows:
-        code = "-" if p["exit_code"] is None else p["exit_code"]
-        print(f"{p['pid']:>6} {p['ppid'] or '-':>6} {p['name'][:24]:<24} {p['state']:<10} {code:>5} "
-              f"{p['restarts']:>8} {p['tenant'][:12]:<12} {p['priority']:>4} {p['prompt_tokens'] + p['output_tokens']:>8}")
+        code = "-" if p.get("exit_code") is None else p["exit_code"]
+        tokens = (p.get("prompt_tokens") or 0) + (p.get("output_tokens") or 0)
+        print(f"{p['pid']:>6} {p.get('ppid') or '-':>6} {str(p.get('name') or '-')[:24]:<24} {p['state']:<10} "
+              f"{code:>5} {p.get('restarts', 0):>8} {str(p.get('tenant') or '-')[:12]:<12} {p.get('priority', 0):>4} "
+              f"{tokens:>8}")
     return 0
 
 
@@ -102,7 +107,8 @@ def cmd_renice(args) -> int:
 
 def cmd_wait(args) -> int:
     r = Server(args.url).wait(args.pid)
-    print(f"{args.pid}: {r['state']} ({r['reason']}), exit code {r['exit_code']}")
+    how = r.get("state", "ended") + (f" ({r['reason']})" if r.get("reason") else "")
+    print(f"{args.pid}: {how}, exit code {r['exit_code']}")
     return _exit_status(r["exit_code"])
 
 
@@ -145,11 +151,22 @@ def cmd_audit(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    print(f"{'TIME':<19} {'PID':>6} {'TENANT':<12} {'CALL':<16} {'MS':>7}  VERDICT -> OUTCOME")
     for r in rows:
-        stamp = time.strftime("%H:%M:%S", time.localtime(r["time"]))
-        verdict = "allowed" if r["allowed"] else f"DENIED ({r['reason']})"
-        print(f"{stamp} pid {r['pid']} {r['tenant']} {r['call']:<14} {verdict} -> {r['outcome']}")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+        verdict = "allowed" if r["allowed"] else f"DENIED ({r.get('reason')})"
+        ms = "-" if r.get("duration") is None else f"{r['duration'] * 1000:.1f}"
+        print(f"{stamp:<19} {str(r.get('pid') or '-'):>6} {str(r.get('tenant') or '-')[:12]:<12} {r['call']:<16} "
+              f"{ms:>7}  {verdict} -> {r.get('outcome')}")
     return 0
+
+
+def _size(text: str) -> int:
+    """An argparse type: bytes from "2GiB", so a bad size is a usage error (status 2)."""
+    try:
+        return parse_size(text)
+    except LLMOSError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 
 def add_commands(sub) -> None:
@@ -163,7 +180,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="LLM tokens over the process's life")
     p.add_argument("--kv-quota", type=int, default=None, help="KV blocks its requests may hold at once")
     p.add_argument("--max-wall", type=float, default=None, help="seconds of wall-clock time")
-    p.add_argument("--max-memory", default=None, help="address space, e.g. 2GiB")
+    p.add_argument("--max-memory", type=_size, default=None, help="address space, e.g. 2GiB")
     p.add_argument("--max-cpu", type=int, default=None, help="CPU seconds")
     p.add_argument("--max-children", type=int, default=None)
     p.add_argument("--priority", type=int, default=None, help="lower runs first")

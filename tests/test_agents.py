@@ -295,6 +295,28 @@ def test_examples_mapreduce_and_chatroom(srv):
     assert next(r for r in rows if r["pid"] == pid)["exit_code"] == 0
 
 
+def test_cli_runs_and_steers_a_process(srv, tmp_path):
+    p = program(tmp_path, "echo.py", """
+        m = agent.recv(timeout=60)
+        print("got", m.body, flush=True)
+        agent.ack(m)
+        time.sleep(60)
+    """)
+    run = srv.cli("run", os.path.relpath(p, srv.tmp), "--name", "echo", "--cap", "msg")   # relative to the caller
+    pid = int(run.stdout.splitlines()[0])
+    assert srv.cli("send", "echo", '{"x": 1}').stdout.strip().isdigit()
+    assert wait_for(lambda: "got {'x': 1}" in srv.cli("logs", str(pid)).stdout, 30)
+    srv.cli("renice", str(pid), "--priority", "3", "--weight", "2")
+    row = srv.http().get(f"/v1/processes/{pid}").json()
+    assert (row["priority"], row["weight"], row["caps"]) == (3, 2.0, ["msg"])
+    assert "suspended" in srv.cli("suspend", str(pid)).stdout
+    assert srv.cli("resume", str(pid)).stdout.split(": ")[1].strip() in ("running", "blocked")
+    srv.cli("kill", str(pid))
+    assert srv.cli("wait", str(pid), check=False).returncode == 128 + signal.SIGTERM
+    bad = srv.cli("kill", "999999", check=False)
+    assert bad.returncode == 1 and "no process" in bad.stderr
+
+
 def test_a_tenant_sees_and_steers_only_its_own_processes(srv, tmp_path):
     key_a, key_b = srv.create_key("team-a"), srv.create_key("team-b")
     program(tmp_path, "wait.py", "time.sleep(60)\n")

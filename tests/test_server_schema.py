@@ -56,8 +56,9 @@ def _bound(body, model: str) -> None:
         return
     if isinstance(body.get("model"), str) and body["model"]:
         body["model"] = model
-    for name in ("max_tokens", "max_completion_tokens"):
-        if isinstance(body.get(name), int) and not isinstance(body[name], bool) and body[name] > 4:
+    for name in ("max_tokens", "max_completion_tokens"):   # 1906.0 is an integer to pydantic too
+        v = body.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 4 and float(v).is_integer():
             body[name] = 4
     if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and 2 < body["n"] <= 16:
         body["n"] = 2

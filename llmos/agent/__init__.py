@@ -13,16 +13,17 @@ import base64
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from llmos.agent.client import (AgentError, AuthError, Connection, DeadlockError, InvalidArgument, KernelError,
-                                MailboxFull, MessageTooLarge, NotFound, PermissionDenied)
+                                LimitExceeded, MailboxFull, MessageTooLarge, NotFound, PermissionDenied)
 
 __all__ = ["pid", "name", "tenant", "chat", "generate", "embed", "send", "recv", "ack", "publish", "subscribe",
            "unsubscribe", "spawn", "wait", "kill", "suspend", "resume", "renice", "ps", "self", "exit", "fs",
-           "Message", "AgentError", "PermissionDenied", "MailboxFull", "DeadlockError", "MessageTooLarge",
-           "NotFound", "InvalidArgument", "AuthError", "KernelError"]
+           "Message", "AgentError", "PermissionDenied", "LimitExceeded", "MailboxFull", "DeadlockError",
+           "MessageTooLarge", "NotFound", "InvalidArgument", "AuthError", "KernelError"]
 
 pid = int(os.environ["LLMOS_PID"]) if os.environ.get("LLMOS_PID", "").isdigit() else None
 name = os.environ.get("LLMOS_NAME")
@@ -33,6 +34,7 @@ _conn_lock = threading.Lock()
 
 
 def _call(call: str, **args):
+    """One system call on this process's connection, opened on first use."""
     global _conn
     if _conn is None:
         with _conn_lock:
@@ -50,6 +52,11 @@ class Message:
     body: Any
     sent_at: float
     deliveries: int             # > 1: delivered before and not acknowledged
+
+    @classmethod
+    def from_dict(cls, m: dict) -> Message:
+        return cls(m["id"], m.get("sender"), m.get("sender_name"), m.get("topic"), m.get("body"),
+                   m.get("sent_at", 0.0), m.get("deliveries", 1))
 
 
 # -- llm ----------------------------------------------------------------------------------
@@ -80,14 +87,12 @@ def send(to: int | str, body: Any, block: float | None = None) -> int:
 def recv(timeout: float | None = None) -> Message | None:
     """The next message for this process, waiting up to `timeout` seconds (None: for ever).
     Acknowledge it with ack() once handled, or it is delivered again."""
-    import time
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         m = _call("msg.recv", timeout=left)["message"]
         if m is not None:
-            return Message(m["id"], m["sender"], m["sender_name"], m["topic"], m["body"], m["sent_at"],
-                           m["deliveries"])
+            return Message.from_dict(m)
         if deadline is not None and time.monotonic() >= deadline:
             return None
 
@@ -110,16 +115,25 @@ def unsubscribe(topic: str) -> None:
 
 
 # -- processes ------------------------------------------------------------------------------
+_LIMITS = ("max_tokens", "kv_quota", "max_wall", "max_memory", "max_cpu", "max_children")
+
+
 def spawn(path: str, name: str | None = None, caps: list[str] | None = None, args=(), priority: int | None = None,
           weight: float | None = None, restart: str = "never", durable: bool = False, **limits) -> int:
     """Start a child process; returns its pid. A relative path is resolved against the
-    directory of this program's own file; "module:function" is passed as it is. The
-    child's capabilities and limits (max_tokens, kv_quota, max_wall, max_memory, max_cpu,
-    max_children) may only narrow this process's."""
-    if ":" not in path and not os.path.isabs(path):
-        here = os.environ.get("LLMOS_AGENT_FILE")
-        path = os.path.join(os.path.dirname(here) if here else os.getcwd(), path)
-    body = {"path": path, "name": name, "caps": caps, "args": [str(a) for a in args], "restart": restart,
+    directory of this program's own file (so an agent finds its siblings wherever it was
+    started from); "module:function" is passed as it is. The child's capabilities and
+    limits (max_tokens, kv_quota, max_wall, max_memory, max_cpu, max_children) may only
+    narrow this process's; caps=None means all of this process's."""
+    from llmos.agent.run import resolve_program   # not at import: run.py is __main__ in an agent process
+    unknown = sorted(set(limits) - set(_LIMITS))
+    if unknown:
+        raise TypeError(f"spawn() got an unexpected keyword argument {unknown[0]!r} (limits: {', '.join(_LIMITS)})")
+    if isinstance(args, (str, bytes)):
+        raise TypeError("spawn(): args must be a list of arguments, not one string")
+    here = os.environ.get("LLMOS_AGENT_FILE")
+    body = {"path": resolve_program(path, os.path.dirname(here) if here else os.getcwd()), "name": name,
+            "caps": None if caps is None else list(caps), "args": [str(a) for a in args], "restart": restart,
             "durable": durable, "limits": limits}
     if priority is not None:
         body["priority"] = priority
@@ -131,7 +145,6 @@ def spawn(path: str, name: str | None = None, caps: list[str] | None = None, arg
 def wait(pid: int, timeout: float | None = None) -> int | None:
     """The exit code of a child (or deeper descendant) once it has ended for good; None if
     `timeout` seconds passed first. A negative code: killed by that signal."""
-    import time
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -159,7 +172,8 @@ def renice(pid: int, priority: int, weight: float | None = None) -> bool:
 
 
 def ps(all: bool = False) -> list[dict]:
-    return _call("proc.ps", all=all)["processes"]
+    """This tenant's live processes (with `all`, ended ones too)."""
+    return _call("proc.ps", **({"all": True} if all else {}))["processes"]
 
 
 def self() -> dict:
@@ -168,7 +182,13 @@ def self() -> dict:
 
 
 def exit(code: int = 0) -> None:
-    _call("proc.exit", code=code)
+    """Tell the kernel this process is ending (the call is audited like any other), then
+    end it with `code`. It ends even if the kernel cannot be told: the supervisor sees the
+    exit status either way."""
+    try:
+        _call("proc.exit", code=code)
+    except AgentError:
+        pass
     sys.exit(code)
 
 

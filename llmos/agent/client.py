@@ -1,15 +1,13 @@
 """The agent's connection to its kernel: one system call is one HTTP request to /v1/sys,
 authenticated by the token the supervisor put in the environment. Calls are numbered from
 0 in the order the process makes them; the kernel replays a durable process's journal by
-those numbers."""
+those numbers, so a call keeps its number when it is sent again."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-
-import httpx
 
 
 class AgentError(Exception):
@@ -24,6 +22,15 @@ class PermissionDenied(AgentError):
         self.capability = capability
 
 
+class LimitExceeded(AgentError):
+    """The call would take the process past one of its limits, or a child past its
+    parent's (`limit` names it, e.g. max_tokens)."""
+
+    def __init__(self, message: str, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class MailboxFull(AgentError):
     """The receiver's mailbox is at its bound."""
 
@@ -33,7 +40,7 @@ class DeadlockError(AgentError):
 
 
 class MessageTooLarge(AgentError):
-    """The message body is over the kernel's size limit."""
+    """The message body (or a file, or a prompt) is over the kernel's size limit."""
 
 
 class NotFound(AgentError, LookupError):
@@ -45,36 +52,51 @@ class InvalidArgument(AgentError, ValueError):
 
 
 class AuthError(AgentError):
-    """The kernel does not know this process's token (it was not started by this kernel)."""
+    """The kernel does not know this process's token (it was not started by this kernel,
+    or that run of it has ended)."""
 
 
 class KernelError(AgentError):
     """The kernel failed the call or could not be reached."""
 
 
-_BY_CODE = {"mailbox_full": MailboxFull, "deadlock": DeadlockError, "message_too_large": MessageTooLarge}
-_BY_STATUS = {401: AuthError, 404: NotFound, 400: InvalidArgument, 422: InvalidArgument, 413: MessageTooLarge,
-              409: KernelError, 429: MailboxFull}
+_BY_STATUS = {400: InvalidArgument, 422: InvalidArgument, 401: AuthError, 404: NotFound, 413: MessageTooLarge}
+_BY_CODE = {"mailbox_full": MailboxFull, "deadlock": DeadlockError}
 RETRY_SECONDS = 30.0     # how long to keep trying while the kernel is unreachable (restarting)
 
 
-def _error(status: int, body: dict) -> AgentError:
-    err = body.get("error", {}) if isinstance(body, dict) else {}
-    message, code = err.get("message") or f"HTTP {status}", err.get("code")
-    if status == 403:
-        return PermissionDenied(message, err.get("param")) if code == "permission_denied" else AgentError(message)
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(status, KernelError)
-    return cls(message)
+def error_from_reply(status: int, body) -> AgentError:
+    """The exception for a failed call, from its status and OpenAI-style error body."""
+    err = body.get("error") if isinstance(body, dict) else None
+    err = err if isinstance(err, dict) else {}
+    message, code, param = err.get("message") or f"HTTP {status}", err.get("code"), err.get("param")
+    if code == "permission_denied":
+        return PermissionDenied(message, param)
+    if code == "limit_exceeded":
+        return LimitExceeded(message, param)
+    if code in _BY_CODE:
+        return _BY_CODE[code](message)
+    return _BY_STATUS.get(status, KernelError)(message)
 
 
 class Connection:
+    """One keep-alive HTTP connection pool to the kernel and this process's call counter;
+    safe to share between threads."""
+
     def __init__(self, url: str, token: str) -> None:
-        self.url, self.token = url.rstrip("/"), token
+        import httpx   # here, not at module level: `import llmos.agent` stays cheap
+        self.url = url.rstrip("/")
         self._seq = 0
         self._lock = threading.Lock()
+        # No read timeout: an LLM call may queue behind other tenants' work for as long as the
+        # scheduler decides, and waits are capped by the kernel (20 s a call). The kernel owns
+        # this process's lifetime (max_wall, kill); the agent just waits for its answer.
         self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
-                                  timeout=httpx.Timeout(60.0, connect=5.0),
+                                  timeout=httpx.Timeout(None, connect=5.0),
                                   limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+        # Failures where the kernel is down or restarting. A call cut off after the kernel got
+        # it is sent again with the same number, so a durable process's journal answers it once.
+        self._unreachable = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
 
     @classmethod
     def from_env(cls) -> Connection:
@@ -85,6 +107,7 @@ class Connection:
         return cls(url, token)
 
     def call(self, call: str, **args):
+        """The result of one system call, or the AgentError it failed with."""
         with self._lock:
             seq = self._seq
             self._seq += 1
@@ -95,15 +118,20 @@ class Connection:
             try:
                 r = self._http.post("/v1/sys", json=body)
                 break
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
-                if time.monotonic() > deadline:
+            except self._unreachable as e:
+                if time.monotonic() + delay > deadline:
                     raise KernelError(f"{call}: the kernel at {self.url} cannot be reached: {e}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        try:
+            payload = r.json()
+        except ValueError:
+            payload = None
         if r.status_code != 200:
-            try:
-                payload = r.json()
-            except ValueError:
-                payload = {}
-            raise _error(r.status_code, payload)
-        return r.json()["result"]
+            raise error_from_reply(r.status_code, payload)
+        if not isinstance(payload, dict) or "result" not in payload:
+            raise KernelError(f"{call}: malformed reply from the kernel: {r.text[:200]!r}")
+        return payload["result"]
+
+    def close(self) -> None:
+        self._http.close()

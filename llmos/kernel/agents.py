@@ -243,7 +243,7 @@ class AgentKernel:
         return {"message": None if m is None else asdict(m)}
 
     def _msg_ack(self, proc, a):
-        self.ipc.ack(proc.tenant, proc.name, _int("id", a.get("id")))
+        self.ipc.ack(proc.tenant, proc.name, _int("id", a.get("id"), 0, 2**63 - 1))
         return {}
 
     def _msg_publish(self, proc, a):

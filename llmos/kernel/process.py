@@ -341,6 +341,8 @@ class ProcessTable:
             return self.get(pid)
 
     def get(self, pid: int) -> Process | None:
+        if not isinstance(pid, int) or not 0 < pid < 2**63:   # SQLite's integers end there
+            return None
         return self._one("SELECT * FROM processes WHERE pid = ?", (pid,))
 
     def by_name(self, tenant: str, name: str) -> Process | None:

@@ -84,27 +84,17 @@ async def spawn(body: SpawnRequest, principal: Principal = Depends(authenticate)
     return proc.to_dict()
 
 
-@router.get("/v1/processes", responses=errors(401))
+@router.get("/v1/processes", responses=errors(400, 401))
 async def list_processes(all: bool = False, principal: Principal = Depends(authenticate),
                          state: ServerState = Depends(get_state)) -> dict:
     rows = state.agents.table.list(None if principal.admin else principal.tenant, include_exited=all)
     return {"object": "list", "data": [p.to_dict() for p in rows]}
 
 
-@router.get("/v1/processes/{pid}", responses=errors(401, 404))
+@router.get("/v1/processes/{pid}", responses=errors(400, 401, 404))
 async def get_process(pid: int, principal: Principal = Depends(authenticate),
                       state: ServerState = Depends(get_state)) -> dict:
     return _visible(state, principal, pid).to_dict()
-
-
-@router.post("/v1/processes/{pid}/{action}", responses=errors(400, 401, 404))
-async def act(pid: int, action: Literal["kill", "suspend", "resume"], principal: Principal = Depends(authenticate),
-              state: ServerState = Depends(get_state)) -> dict:
-    """kill: SIGTERM, then SIGKILL after the grace period, children too, LLM requests cancelled.
-    suspend: SIGSTOP, and its LLM requests leave the KV pool. resume: the reverse."""
-    _visible(state, principal, pid)
-    ok = await _run(getattr(state.agents.supervisor, action), pid)
-    return {"pid": pid, "action": action, "ok": bool(ok), "state": state.agents.table.get(pid).state.value}
 
 
 @router.post("/v1/processes/{pid}/renice", responses=errors(400, 401, 403, 404))
@@ -118,7 +108,17 @@ async def renice(pid: int, body: ReniceRequest, principal: Principal = Depends(a
             "weight": p.weight}
 
 
-@router.get("/v1/processes/{pid}/wait", responses=errors(401, 404))
+@router.post("/v1/processes/{pid}/{action}", responses=errors(400, 401, 404))
+async def act(pid: int, action: Literal["kill", "suspend", "resume"], principal: Principal = Depends(authenticate),
+              state: ServerState = Depends(get_state)) -> dict:
+    """kill: SIGTERM, then SIGKILL after the grace period, children too, LLM requests cancelled.
+    suspend: SIGSTOP, and its LLM requests leave the KV pool. resume: the reverse."""
+    _visible(state, principal, pid)
+    ok = await _run(getattr(state.agents.supervisor, action), pid)
+    return {"pid": pid, "action": action, "ok": bool(ok), "state": state.agents.table.get(pid).state.value}
+
+
+@router.get("/v1/processes/{pid}/wait", responses=errors(400, 401, 404))
 async def wait(pid: int, timeout: float = Query(20.0, ge=0, le=20.0), principal: Principal = Depends(authenticate),
                state: ServerState = Depends(get_state)) -> dict:
     """Long poll: returns when the process has ended for good, or after `timeout` seconds."""
@@ -130,7 +130,7 @@ async def wait(pid: int, timeout: float = Query(20.0, ge=0, le=20.0), principal:
             "reason": p.reason}
 
 
-@router.get("/v1/processes/{pid}/logs", response_class=Response, responses=errors(401, 404))
+@router.get("/v1/processes/{pid}/logs", response_class=Response, responses=errors(400, 401, 404))
 async def logs(pid: int, offset: int = Query(0, ge=0), principal: Principal = Depends(authenticate),
                state: ServerState = Depends(get_state)) -> Response:
     """The process's stdout and stderr (capped); `offset` skips what a follower already has."""
@@ -156,7 +156,7 @@ async def send(body: MessageRequest, principal: Principal = Depends(authenticate
     return {"id": mid, "to": mailbox}
 
 
-@router.get("/v1/messages/dead", responses=errors(401))
+@router.get("/v1/messages/dead", responses=errors(400, 401))
 async def dead_letters(limit: int = Query(100, ge=1, le=1000), principal: Principal = Depends(authenticate),
                        state: ServerState = Depends(get_state)) -> dict:
     """Messages that could not be delivered (their receiver never came back, or was full)."""
@@ -164,7 +164,7 @@ async def dead_letters(limit: int = Query(100, ge=1, le=1000), principal: Princi
     return {"object": "list", "data": [dataclasses.asdict(m) for m in rows]}
 
 
-@router.get("/v1/topics/{topic}", responses=errors(401))
+@router.get("/v1/topics/{topic}", responses=errors(400, 401))
 async def topic(topic: str, tenant: str | None = None, principal: Principal = Depends(authenticate),
                 state: ServerState = Depends(get_state)) -> dict:
     t = _tenant_for(principal, tenant)
@@ -179,7 +179,7 @@ async def publish(topic: str, body: PublishRequest, tenant: str | None = None,
     return {"topic": topic, "delivered": n}
 
 
-@router.get("/v1/audit", responses=errors(401))
+@router.get("/v1/audit", responses=errors(400, 401))
 async def audit(pid: int | None = None, denied: bool | None = None, call: str | None = None,
                 limit: int = Query(1000, ge=1, le=100000), principal: Principal = Depends(authenticate),
                 state: ServerState = Depends(get_state)) -> dict:
@@ -189,7 +189,7 @@ async def audit(pid: int | None = None, denied: bool | None = None, call: str | 
     return {"object": "list", "data": [dataclasses.asdict(r) for r in rows]}
 
 
-@router.get("/v1/audit/verify", responses=errors(401, 403))
+@router.get("/v1/audit/verify", responses=errors(400, 401, 403))
 async def verify(principal: Principal = Depends(require_admin), state: ServerState = Depends(get_state)) -> dict:
     """Check the audit log's hash chain: names the first record altered or removed."""
     return dataclasses.asdict(await anyio.to_thread.run_sync(state.agents.audit.verify))
