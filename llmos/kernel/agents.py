@@ -14,6 +14,7 @@ import base64
 import os
 import sys
 import threading
+from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +53,7 @@ def _launcher(proc: Process) -> list[str]:
 
 
 class AgentKernel:
-    def __init__(self, home: Path, url: str, llm: LLMService, *, kill_grace: float = 5.0,
+    def __init__(self, home: Path, url: str, llm: LLMService, *, socket: Path | None = None, kill_grace: float = 5.0,
                  visibility_timeout: float = 30.0, dead_letter_ttl: float = 3600.0,
                  denial_threshold: int = 20, max_restarts: int = 5,
                  restart_backoff: tuple[float, float] = (0.1, 5.0)) -> None:
@@ -66,7 +67,8 @@ class AgentKernel:
         self.journal = Journal(home / "journal.db")
         self.audit = AuditLog(home / "audit.db", home / "audit.key")
         self.intrusion = IntrusionDetector(denial_threshold=denial_threshold)
-        self.supervisor = Supervisor(self.table, home, launcher=_launcher, env={"LLMOS_URL": url},
+        self.supervisor = Supervisor(self.table, home, launcher=_launcher,
+                                     env={"LLMOS_URL": url, **({"LLMOS_SOCKET": str(socket)} if socket else {})},
                                      on_exit=self._on_exit, on_suspend=llm.suspend, on_resume=llm.resume,
                                      kill_grace=kill_grace, max_restarts=max_restarts,
                                      restart_backoff=restart_backoff)
@@ -74,6 +76,11 @@ class AgentKernel:
                                      on_intrusion=self._intrusion, on_call=self._count_call,
                                      checked_args=self._checked_args)
         self._stop = threading.Event()
+        # Per-call counters (syscalls, messages) add up here and reach the process table once a
+        # second and when a run ends: a table write per call would cost more than the call.
+        self._usage: dict[int, Counter] = defaultdict(Counter)
+        self._usage_lock = threading.Lock()
+        self._known_names: set[tuple[str, str]] = set()   # names that exist (they never go away)
         self.restarted = self.recover()
         self._sweeper = threading.Thread(target=self._sweep, name="llmos-ipc-sweep", daemon=True)
         self._sweeper.start()
@@ -96,13 +103,30 @@ class AgentKernel:
     def shutdown(self) -> None:
         self._stop.set()
         self.supervisor.shutdown()
+        self.flush_usage()
         self.ipc.shutdown()
 
     def _sweep(self) -> None:
-        while not self._stop.wait(5.0):
-            self.ipc.sweep()
+        ticks = 0
+        while not self._stop.wait(1.0):
+            self.flush_usage()
+            ticks += 1
+            if ticks % 5 == 0:
+                self.ipc.sweep()
+
+    def flush_usage(self, pid: int | None = None) -> None:
+        with self._usage_lock:
+            pids = list(self._usage) if pid is None else [pid]
+            pending = {p: self._usage.pop(p) for p in pids if p in self._usage}
+        for p, counts in pending.items():
+            self.table.add_usage(p, **counts)
+
+    def _charge(self, proc: Process, **counts: int) -> None:
+        with self._usage_lock:
+            self._usage[proc.pid].update(counts)
 
     def _on_exit(self, proc: Process) -> None:
+        self.flush_usage(proc.pid)
         self.llm.cancel(proc.pid)
         if proc.state.live:           # a restart follows: what it held unacked comes back
             self.ipc.release(proc.tenant, proc.name)
@@ -122,7 +146,7 @@ class AgentKernel:
         return args
 
     def _count_call(self, proc: Process) -> None:
-        self.table.add_usage(proc.pid, syscalls=1)
+        self._charge(proc, syscalls=1)
 
     def spawn(self, *, tenant: str, path: str, args=(), cwd: str | None = None, name: str | None = None,
               caps=None, limits: dict | None = None, priority: int = 0, weight: float = 1.0,
@@ -168,8 +192,10 @@ class AgentKernel:
         if isinstance(to, int) and not isinstance(to, bool):
             return self.process(to, tenant).name
         if isinstance(to, str) and to:
-            if self.table.by_name(tenant, to) is None:
-                raise NoSuchProcess(f"to: no process named {to!r}")
+            if (tenant, to) not in self._known_names:
+                if self.table.by_name(tenant, to) is None:
+                    raise NoSuchProcess(f"to: no process named {to!r}")
+                self._known_names.add((tenant, to))
             return to
         raise InvalidRequestError(f"to: must be a pid or a process name, got {to!r}")
 
@@ -232,14 +258,16 @@ class AgentKernel:
         if block is not None:
             block = min(float(_nonneg("block", block)), MAX_BLOCK)
         mid = self.ipc.send(proc.tenant, mailbox, a.get("body"), sender=proc.pid, sender_name=proc.name, block=block)
-        self.table.add_usage(proc.pid, messages=1)
+        self._charge(proc, messages=1)
         return {"id": mid}
 
     def _msg_recv(self, proc, a):
         timeout = a.get("timeout")
         timeout = MAX_BLOCK if timeout is None else min(float(_nonneg("timeout", timeout)), MAX_BLOCK)
-        with self._blocked(proc):
-            m = self.ipc.recv(proc.tenant, proc.name, timeout)
+        m = self.ipc.recv(proc.tenant, proc.name, 0)
+        if m is None and timeout > 0:
+            with self._blocked(proc):      # only a call that waits shows the process blocked
+                m = self.ipc.recv(proc.tenant, proc.name, timeout)
         return {"message": None if m is None else asdict(m)}
 
     def _msg_ack(self, proc, a):
@@ -248,7 +276,7 @@ class AgentKernel:
 
     def _msg_publish(self, proc, a):
         n = self.ipc.publish(proc.tenant, a["topic"], a.get("body"), sender=proc.pid, sender_name=proc.name)
-        self.table.add_usage(proc.pid, messages=1)
+        self._charge(proc, messages=1)
         return {"delivered": n}
 
     def _msg_subscribe(self, proc, a):

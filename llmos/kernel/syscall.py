@@ -11,6 +11,7 @@ instead of running the side effect twice.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,11 @@ from llmos.kernel.journal import Journal, digest
 from llmos.kernel.process import Process
 
 Handler = Callable[[Process, dict], Any]
+
+
+@functools.lru_cache(maxsize=1024)
+def _capabilities(caps: tuple[str, ...]) -> Capabilities:
+    return Capabilities(caps)
 
 
 class ReplayedError(LLMOSError):
@@ -66,7 +72,7 @@ class SyscallTable:
         try:
             checked = self.checked_args(proc, call, args)
             required = required_for(call, **{k: checked[k] for k in ("to", "topic", "path") if k in checked})
-            if required is not None and not Capabilities(proc.caps).allows(required):
+            if required is not None and not _capabilities(tuple(proc.caps)).allows(required):
                 raise PermissionDenied(call, proc.pid, required)
         except PermissionDenied as e:
             rid = self.audit.begin(proc.pid, proc.tenant, call, args, False, e.capability)

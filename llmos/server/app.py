@@ -19,6 +19,7 @@ from llmos.server.embeddings import Embedder
 from llmos.server.keys import KeyStore
 from llmos.server.routers import chat, completions, embeddings, health, kernel, models, processes
 from llmos.server.settings import Settings
+from llmos.server.sysgate import SyscallGate
 from llmos.server.state import ServerState
 
 
@@ -35,10 +36,16 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.submit_limiter = anyio.CapacityLimiter(SUBMIT_THREADS)
         host = s.host if ":" not in s.host else f"[{s.host}]"
+        sock = s.agents_path / "kernel.sock"
+        sock = sock if len(str(sock)) < 100 else None      # AF_UNIX paths are short; else HTTP only
         state.agents = AgentKernel(s.agents_path, f"http://{host}:{s.port}", ProcessLLM(state.llm, state.embedder),
+                                   socket=sock,
                                    kill_grace=s.kill_grace, denial_threshold=s.denial_threshold,
                                    max_restarts=s.max_restarts, restart_backoff=(0.1, s.restart_backoff_max))
+        gate = SyscallGate(sock, state.agents) if sock else None
         yield
+        if gate:
+            gate.close()
         state.agents.shutdown()
         state.llm.close()
         state.keys.close()
