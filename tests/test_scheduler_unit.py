@@ -245,3 +245,15 @@ def test_a_process_kv_quota_holds_back_only_its_own_requests():
     assert sum(s.status is SequenceStatus.RUNNING for s in mine) == 1
     assert all(s.status is SequenceStatus.RUNNING for s in other)
     assert m.drain() and all(len(s.output_token_ids) == 4 for s in mine + other)
+
+
+def test_a_step_counts_prompt_and_decode_tokens_apart():
+    m = Machine()
+    m.add("s", prompt_len=6, max_tokens=4)
+    batch = m.sch.schedule()
+    assert [(i.num_new_tokens, i.samples, i.is_prefill) for i in batch] == [(6, True, True)]
+    assert m.sch.complete_step(batch, 0.01) == 6
+    m.sch.running[0].output_token_ids.append(7)
+    batch = m.sch.schedule()
+    assert [(i.num_new_tokens, i.samples, i.is_prefill) for i in batch] == [(1, True, False)]
+    assert m.sch.complete_step(batch, 0.01) == 0, "a decode step computes no prompt tokens"

@@ -89,4 +89,5 @@ class Accounting:
                                           bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0),
             scheduling_policy=policy_name,
             cost_model=CostModel(sw.copy_bytes_per_s, sw.prefill_tokens_per_s),
-            histograms=hists)
+            histograms=hists,
+            process_tokens={pid: TokenCounts(*c) for pid, c in list(self.process_tokens.items())})

@@ -132,11 +132,12 @@ class Sequence:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int            # tokens to compute this step, starting at seq.num_computed_tokens
+    # Whether this step finishes the sequence's known tokens, so a next token is due. Fixed
+    # when scheduled: after the step has advanced the sequence it could no longer be told.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step finishes the sequence's known tokens, so a next token is due."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
 
     @property
     def is_prefill(self) -> bool:

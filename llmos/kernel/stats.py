@@ -108,6 +108,9 @@ class KernelStats:
     scheduling_policy: str
     cost_model: CostModel
     histograms: dict[str, dict[str, HistogramSnapshot]] = field(default_factory=dict)   # name -> tenant -> h
+    # Per agent process (by pid): prompt tokens computed (prefix-cache hits are free) and
+    # tokens generated, the tokens fair sharing charges it for.
+    process_tokens: dict[int, TokenCounts] = field(default_factory=dict)
 
     def for_tenant(self, tenant: str) -> KernelStats:
         """The view a tenant may see: machine-wide totals, and only its own row where stats
@@ -116,7 +119,8 @@ class KernelStats:
             self,
             requests_by_tenant={k: {t: n for t, n in v.items() if t == tenant} for k, v in self.requests_by_tenant.items()},
             tenants={t: v for t, v in self.tenants.items() if t == tenant},
-            histograms={k: {t: v for t, v in per.items() if t == tenant} for k, per in self.histograms.items()})
+            histograms={k: {t: v for t, v in per.items() if t == tenant} for k, per in self.histograms.items()},
+            process_tokens={})   # by pid alone it cannot tell whose; the agent API has each process's usage
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
