@@ -209,8 +209,9 @@ def part_spawn(url: str, progs: dict, n: int = 10) -> str:
     return (f"### 3. Spawn to running\n\nFrom the HTTP spawn to the agent's first system call in the audit log, "
             f"{n} agents one at a time: p50 **{p50:.0f} ms** (target <= 300: {'met' if p50 <= 300 else 'missed'}), "
             f"max {max(lat) * 1000:.0f} ms. Made of: a bare `python -c pass` {bare * 1000:.0f} ms; "
-            f"`import llmos.agent` (httpx) {sdk * 1000:.0f} ms in all; the rest is the launcher, the "
-            f"process table row, and the first HTTP call.\n")
+            f"`import llmos.agent` {sdk * 1000:.0f} ms in all; the rest is the spawn request itself (process "
+            f"table row, token, fork and exec), the launcher, and the first system call over the kernel's "
+            f"Unix socket.\n")
 
 
 def part_recovery(progs: dict, home: Path, k: int = 4, msgs: int = 100) -> str:

@@ -82,11 +82,10 @@ def error_from_reply(status: int, body) -> AgentError:
 
 
 class Connection:
-    """One keep-alive HTTP connection pool to the kernel and this process's call counter;
-    safe to share between threads."""
+    """This process's line to its kernel (a Unix socket per thread, or a keep-alive HTTP
+    pool) and its call counter; safe to share between threads."""
 
     def __init__(self, url: str, token: str, socket_path: str | None = None) -> None:
-        import httpx   # here, not at module level: `import llmos.agent` stays cheap
         self.url = url.rstrip("/")
         # The kernel's Unix socket, when it gave one: one line of JSON per call, about ten
         # times cheaper than an HTTP request; HTTP otherwise.
@@ -95,16 +94,18 @@ class Connection:
         self._local = threading.local()
         self._seq = 0
         self._lock = threading.Lock()
-        # No read timeout: an LLM call may queue behind other tenants' work for as long as the
-        # scheduler decides, and waits are capped by the kernel (20 s a call). The kernel owns
-        # this process's lifetime (max_wall, kill); the agent just waits for its answer.
-        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
-                                  timeout=httpx.Timeout(None, connect=5.0),
-                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
         # Failures where the kernel is down or restarting. A call cut off after the kernel got
         # it is sent again with the same number, so a durable process's journal answers it once.
-        self._unreachable = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout, ConnectionError,
-                             FileNotFoundError)
+        self._unreachable: tuple = (ConnectionError, FileNotFoundError)
+        self._http = None
+        if socket_path is None:
+            import httpx   # only for HTTP: importing it is a third of an agent's start-up
+            # No read timeout: an LLM call may queue behind other tenants' work for as long as
+            # the scheduler decides, and waits are capped by the kernel (20 s a call).
+            self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
+                                      timeout=httpx.Timeout(None, connect=5.0),
+                                      limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+            self._unreachable += (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
 
     @classmethod
     def from_env(cls) -> Connection:
@@ -181,4 +182,6 @@ class Connection:
                 pass
 
     def close(self) -> None:
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
+        self._drop_socket()
