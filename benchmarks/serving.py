@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +30,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import cpu_seconds, markdown_table, write_section  # noqa: E402
+from benchmarks.common import LocalServer, cpu_seconds, markdown_table, write_section  # noqa: E402
 from benchmarks.throughput import MODEL, WARMUP, workload  # noqa: E402
 
 ENGINE = {"kv_cache_memory": "1GiB", "max_num_seqs": 64}
@@ -96,32 +94,15 @@ def run_python(chats, lengths) -> tuple[list[Trace], float, float]:
 
 
 def run_http(chats, lengths) -> tuple[list[Trace], float, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"engine.{k}={json.dumps(v)}" for k, v in ENGINE.items()]
-        cmd = [sys.executable, "-m", "llmos.cli", "serve", "--no-auth", "--port", str(port), "--model", MODEL,
-               "--set", f"server.keys_db={json.dumps(str(Path(tmp) / 'keys.db'))}",
-               "--set", 'server.log_level="warning"']
-        for s in sets:
-            cmd += ["--set", s]
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = LocalServer(Path(tmp), engine={"model": MODEL, **ENGINE})
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            server_cpu = process_cpu(server.pid)
+            server_cpu = process_cpu(server.proc.pid)
             others = Others()
-            traces, elapsed = asyncio.run(_http_clients(url, chats, lengths))
-            return traces, elapsed, others.cores(process_cpu(server.pid) - server_cpu)
+            traces, elapsed = asyncio.run(_http_clients(server.url, chats, lengths))
+            return traces, elapsed, others.cores(process_cpu(server.proc.pid) - server_cpu)
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop()
 
 
 async def _http_clients(url: str, chats, lengths) -> tuple[list[Trace], float]:

@@ -17,7 +17,7 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from llmos.errors import InvalidRequestError
 from llmos.kernel.audit import AuditLog

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llmos.errors import LLMOSError
 from llmos.kernel.agents import AgentKernel
-from llmos.server.errors import from_llmos
+from llmos.server.errors import APIError, bad_request, from_llmos
 
 log = logging.getLogger("llmos.server")
 
@@ -53,42 +53,31 @@ class SyscallGate:
         except ValueError:
             proc = None
         if proc is None:
-            self._reply(wfile, {"status": 401, "error": {"message": "invalid process token", "type":
-                                "authentication_error", "param": None, "code": "invalid_process_token"}})
+            self._send(wfile, _error_reply(_unauthorized("invalid process token")))
             return
-        self._reply(wfile, {"pid": proc.pid})
+        self._send(wfile, {"pid": proc.pid})
         for line in rfile:
-            self._reply(wfile, self._call(proc.pid, line))
+            self._send(wfile, self._call(proc.pid, line))
 
     def _call(self, pid: int, line: bytes) -> dict:
         proc = self.agents.table.get(pid)     # fresh: priority, weight and state change
         if proc is None or not proc.state.live:
-            return {"status": 401, "error": {"message": f"process {pid} has ended", "type": "authentication_error",
-                                             "param": None, "code": "invalid_process_token"}}
+            return _error_reply(_unauthorized(f"process {pid} has ended"))
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
                 raise ValueError("a call must be a JSON object")
             return {"result": self.agents.syscalls.call(proc, req.get("call"), req.get("args", {}), req.get("seq"))}
-        except ValueError as e:
-            if isinstance(e, LLMOSError):
-                return self._error(e)
-            return {"status": 400, "error": {"message": f"call: not valid JSON: {e}", "type": "invalid_request_error",
-                                             "param": "call", "code": "invalid_value"}}
         except LLMOSError as e:
-            return self._error(e)
+            return _error_reply(from_llmos(e))
+        except ValueError as e:
+            return _error_reply(bad_request(f"call: not valid JSON: {e}", "call"))
         except Exception:
             log.exception("system call failed")
-            return {"status": 500, "error": {"message": "internal server error", "type": "server_error",
-                                             "param": None, "code": "internal_error"}}
+            return _error_reply(APIError(500, "internal server error", "server_error", code="internal_error"))
 
     @staticmethod
-    def _error(e: LLMOSError) -> dict:
-        err = from_llmos(e)
-        return {"status": err.status, **err.body()}
-
-    @staticmethod
-    def _reply(wfile, payload: dict) -> None:
+    def _send(wfile, payload: dict) -> None:
         wfile.write(json.dumps(payload).encode() + b"\n")
         wfile.flush()
 
@@ -96,3 +85,12 @@ class SyscallGate:
         self.server.shutdown()
         self.server.server_close()
         self.path.unlink(missing_ok=True)
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, message, "authentication_error", code="invalid_process_token")
+
+
+def _error_reply(err: APIError) -> dict:
+    """An error as the gate sends it: POST /v1/sys's body, with the status beside it."""
+    return {"status": err.status, **err.body()}
