@@ -10,9 +10,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from llmos.errors import InvalidRequestError, LLMOSError, ModelLoadError, PromptTooLongError, QueueFull
 from llmos.outputs import RequestMetrics, RequestOutput, StreamDelta
 from llmos.sampling_params import SamplingParams
+from llmos.tools.registry import ToolContext, tool
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "StreamDelta", "LLMOSError",
-           "ModelLoadError", "InvalidRequestError", "PromptTooLongError", "QueueFull"]
+           "ModelLoadError", "InvalidRequestError", "PromptTooLongError", "QueueFull", "tool", "ToolContext"]
 __version__ = "0.1.0"
 
 

@@ -231,5 +231,7 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     server_arg(p)
     p.set_defaults(func=cmd_audit)
+    from llmos.cli_library import add_commands as library_commands
+    library_commands(sub, server_arg)
 
 

@@ -23,11 +23,11 @@ EXAMPLES = ROOT / "examples"
 
 
 class AgentServer(ServerProcess):
-    def __init__(self, tmp: Path, **server) -> None:
+    def __init__(self, tmp: Path, extra: dict | None = None, **server) -> None:
         self.agents_dir = tmp / "agents"
         server = {"agents_dir": str(self.agents_dir), "kill_grace": 2.0, "restart_backoff_max": 0.3,
                   "max_restarts": 30, "denial_threshold": 8, **server}
-        super().__init__(tmp, server=server, engine={"scheduling_policy": "fair"})
+        super().__init__(tmp, server=server, engine={"scheduling_policy": "fair"}, extra=extra)
 
     def spawn(self, path: Path | str, key: str | None = None, **body) -> dict:
         r = self.http(key).post("/v1/processes", json={"path": str(path), **body})

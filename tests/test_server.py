@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class ServerProcess:
     """`llmos serve` in a subprocess with its own keys database, on a free loopback port."""
 
-    def __init__(self, tmp: Path, *, auth: bool = True, server: dict | None = None, engine: dict | None = None) -> None:
+    def __init__(self, tmp: Path, *, auth: bool = True, server: dict | None = None, engine: dict | None = None,
+                 extra: dict | None = None) -> None:
         self.tmp = tmp
         self.keys_db = tmp / "keys.db"
         with socket.socket() as s:
@@ -39,7 +40,7 @@ class ServerProcess:
                   "agents_dir": str(tmp / "agents"), **(server or {})}
         import tomli_w
         self.config = tmp / "llmos.toml"
-        self.config.write_text(tomli_w.dumps({"engine": engine, "server": server}))
+        self.config.write_text(tomli_w.dumps({"engine": engine, "server": server, **(extra or {})}))
         self.log = tmp / "server.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "llmos.cli", "serve", "--config", str(self.config)],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)

@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from llmos.agent.client import (AgentError, AuthError, Connection, DeadlockError, InvalidArgument, KernelError,
-                                LimitExceeded, MailboxFull, MessageTooLarge, NotFound, PermissionDenied)
+from llmos.agent.client import (AgentError, ApprovalDenied, AuthError, Connection, DeadlockError, InvalidArgument,
+                                KernelError, LimitExceeded, MailboxFull, MessageTooLarge, NotFound, PermissionDenied,
+                                ToolFailed)
 
 __all__ = ["pid", "name", "tenant", "chat", "generate", "embed", "send", "recv", "ack", "publish", "subscribe",
            "unsubscribe", "spawn", "wait", "kill", "suspend", "resume", "renice", "ps", "self", "exit", "fs",
-           "Message", "AgentError", "PermissionDenied", "LimitExceeded", "MailboxFull", "DeadlockError",
+           "tools", "call_tool", "remember", "recall", "forget", "kv", "conversation", "Message", "Memory",
+           "ChatResult", "Conversation", "ToolFailed", "ApprovalDenied", "AgentError", "PermissionDenied", "LimitExceeded", "MailboxFull", "DeadlockError",
            "MessageTooLarge", "NotFound", "InvalidArgument", "AuthError", "KernelError"]
 
 pid = int(os.environ["LLMOS_PID"]) if os.environ.get("LLMOS_PID", "").isdigit() else None
@@ -60,11 +62,36 @@ class Message:
 
 
 # -- llm ----------------------------------------------------------------------------------
-def chat(messages: str | list[dict], **sampling) -> str:
-    """The model's reply to a conversation (or to one user message given as a string)."""
+class ChatResult(str):
+    """The model's answer (a str), with what led to it when tools were offered: `trace`,
+    the tool calls the kernel ran ({"name", "arguments", "result" or "error"}), and
+    `tool_call`, the call the model asked for when the kernel was not to run it."""
+
+    trace: list[dict]
+    tool_call: dict | None
+    turns: int
+
+    def __new__(cls, text: str, trace=(), tool_call=None, turns: int = 1) -> ChatResult:
+        obj = super().__new__(cls, text)
+        obj.trace, obj.tool_call, obj.turns = list(trace), tool_call, turns
+        return obj
+
+
+def chat(messages: str | list[dict], tools: list[str] | None = None, execute_tools: bool = False,
+         max_turns: int = 4, tool_choice: str = "auto", **sampling) -> ChatResult:
+    """The model's reply to a conversation (or to one user message given as a string).
+    With `tools` (names of registered tools) the model may call them: with
+    `execute_tools` the kernel runs the model -> tool -> model loop (at most `max_turns`
+    calls) and returns the final answer with its `trace`; without, the reply's `tool_call`
+    is the call the model asked for, for this program to make. `tool_choice` is "auto",
+    "required", or a tool's name to force that call first."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    return _call("llm.chat", messages=messages, sampling=sampling)["text"]
+    body = {"messages": messages, "sampling": sampling}
+    if tools is not None:
+        body.update(tools=list(tools), execute_tools=execute_tools, max_turns=max_turns, tool_choice=tool_choice)
+    r = _call("llm.chat", **body)
+    return ChatResult(r["text"], r.get("trace", ()), r.get("tool_call"), r.get("turns", 1))
 
 
 def generate(prompt: str, **sampling) -> str:
@@ -219,6 +246,100 @@ class _Files:
     @staticmethod
     def stat(path: str) -> dict:
         return _call("fs.stat", path=path)
+
+
+# -- tools ----------------------------------------------------------------------------------
+def tools() -> list[dict]:
+    """The tools this process may call: name, description, JSON schema of the parameters,
+    whether a person must approve each call."""
+    return _call("tool.list")["tools"]
+
+
+def call_tool(name: str, **args) -> Any:
+    """Run a tool and return its result. Raises PermissionDenied without the tool:<name>
+    capability, InvalidArgument for arguments that do not fit its schema, ToolFailed when
+    it fails or times out, ApprovalDenied when a person says no (or never answers). A tool
+    that needs approval blocks here, the process waiting-approval, until it is decided."""
+    r = _call("tool.call", name=name, args=args)
+    while "pending" in r:
+        r = _call("tool.await", id=r["pending"])
+    return r["result"]
+
+
+# -- long-term memory -------------------------------------------------------------------------
+@dataclass
+class Memory:
+    id: str
+    text: str
+    score: float
+    metadata: dict
+    created_at: float = 0.0
+    shared: bool = False
+
+
+def remember(text: str, metadata: dict | None = None, shared: bool = False) -> str:
+    """Store `text` in this process's long-term memory (with `shared`, the tenant's, which
+    needs mem:shared); returns its id."""
+    return _call("mem.remember", text=text, metadata=metadata, shared=shared)["id"]
+
+
+def recall(query: str, k: int = 5, filter: dict | None = None) -> list[Memory]:
+    """The `k` memories most relevant to `query`, best first (own memory, plus the tenant's
+    shared memory with mem:shared); `filter` keeps those whose metadata has these values."""
+    return [Memory(**m) for m in _call("mem.recall", query=query, k=k, filter=filter)["items"]]
+
+
+def forget(id: str, shared: bool = False) -> bool:
+    return _call("mem.forget", id=id, shared=shared)["ok"]
+
+
+class _KV:
+    """The tenant's key-value store (JSON values, versioned); keys need kv:<glob>."""
+
+    @staticmethod
+    def get(key: str, default: Any = None) -> Any:
+        item = _call("kv.get", key=key)["item"]
+        return default if item is None else item["value"]
+
+    @staticmethod
+    def put(key: str, value: Any, if_version: int | None = None) -> int:
+        """Store `value`; returns the new version. With `if_version`, only if the key is
+        still at that version (0: only if absent)."""
+        return _call("kv.put", key=key, value=value, if_version=if_version)["version"]
+
+    @staticmethod
+    def version(key: str) -> int:
+        item = _call("kv.get", key=key)["item"]
+        return 0 if item is None else item["version"]
+
+    @staticmethod
+    def delete(key: str) -> bool:
+        return _call("kv.delete", key=key)["ok"]
+
+    @staticmethod
+    def list(prefix: str = "") -> list[str]:
+        return _call("kv.list", prefix=prefix)["keys"]
+
+
+kv = _KV()
+
+
+class Conversation:
+    """A conversation the kernel keeps (see llmos.kernel.conversation): it may run far
+    longer than the context window; old turns are paged to memory and recalled."""
+
+    def __init__(self, name: str, budget: int | None = None) -> None:
+        self.name, self.budget = name, budget
+
+    def send(self, content: str, **sampling) -> str:
+        return _call("conv.send", name=self.name, content=content, sampling=sampling, budget=self.budget)["text"]
+
+    def info(self) -> dict:
+        return _call("conv.get", name=self.name)
+
+
+def conversation(name: str, budget: int | None = None) -> Conversation:
+    return Conversation(name, budget)
 
 
 def _b64(data: bytes | str) -> str:

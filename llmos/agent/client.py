@@ -58,6 +58,24 @@ class AuthError(AgentError):
     or that run of it has ended)."""
 
 
+class ToolFailed(AgentError):
+    """A tool call ran and failed: the tool raised, hit a limit or timed out (`code` says
+    which: tool_error, tool_limit, tool_timeout)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ApprovalDenied(AgentError):
+    """A tool call that needed a person's approval was denied, or no one decided before
+    its deadline: the structured refusal (`approval_id`, and the reason in the message)."""
+
+    def __init__(self, message: str, approval_id: str | None = None) -> None:
+        super().__init__(message)
+        self.approval_id = approval_id
+
+
 class KernelError(AgentError):
     """The kernel failed the call or could not be reached."""
 
@@ -76,6 +94,10 @@ def error_from_reply(status: int, body) -> AgentError:
         return PermissionDenied(message, param)
     if code == "limit_exceeded":
         return LimitExceeded(message, param)
+    if code in ("tool_error", "tool_limit", "tool_timeout"):
+        return ToolFailed(message, code)
+    if code == "approval_denied":
+        return ApprovalDenied(message, param)
     if code in _BY_CODE:
         return _BY_CODE[code](message)
     return _BY_STATUS.get(status, KernelError)(message)

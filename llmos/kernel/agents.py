@@ -25,17 +25,24 @@ from llmos.kernel.capabilities import ALL, Capabilities, PermissionDenied, parse
 from llmos.kernel.intrusion import IntrusionDetector
 from llmos.kernel.ipc import MessageQueue
 from llmos.kernel.journal import Journal
+from llmos.kernel.kvstore import KeyValueStore
 from llmos.kernel.process import LimitExceeded, Limits, NoSuchProcess, Process, ProcessState, ProcessTable
 from llmos.kernel.storage import TenantStorage
 from llmos.kernel.supervisor import Supervisor
 from llmos.kernel.syscall import SyscallTable
+from llmos.tools import loop
+from llmos.tools.library import FunctionLibrary
+from llmos.tools.registry import ToolContext
 from llmos.validate import integer as _int, number
 
 MAX_BLOCK = 20.0     # seconds one blocking call may wait; the SDK calls again for longer waits
 
 
 class LLMService(Protocol):
-    def generate(self, proc: Process, prompt: str | list[dict], sampling: dict) -> dict: ...
+    def generate(self, proc: Process, prompt: str | list[dict], sampling: dict, *, tools: list[dict] | None = None,
+                 tool_choice=None) -> dict:
+        """{"text", "finish_reason", "prompt_tokens", "output_tokens", "tool_call": {"name", "arguments"} | None};
+        with `tools` (OpenAI function definitions) the output may be one call to one of them."""
 
     def embed(self, texts: list[str]) -> list[list[float]]: ...
 
@@ -56,10 +63,16 @@ class AgentKernel:
     def __init__(self, home: Path, url: str, llm: LLMService, *, socket: Path | None = None, kill_grace: float = 5.0,
                  visibility_timeout: float = 30.0, dead_letter_ttl: float = 3600.0,
                  denial_threshold: int = 20, max_restarts: int = 5,
-                 restart_backoff: tuple[float, float] = (0.1, 5.0)) -> None:
+                 restart_backoff: tuple[float, float] = (0.1, 5.0), library: FunctionLibrary | None = None,
+                 memory=None, conversations=None, hidden_paths: list[str] = ()) -> None:
         home = Path(home)
         home.mkdir(parents=True, exist_ok=True)
         self.llm = llm
+        self.library = library
+        self.memory = memory                 # a SemanticMemory, or None: mem.* calls then fail clearly
+        self.conversations = conversations
+        self.hidden_paths = list(hidden_paths)   # what the python tool must not see
+        self.kv = KeyValueStore(home / "kv.db")
         self.table = ProcessTable(home / "processes.db")
         self.ipc = MessageQueue(home / "messages.db", visibility_timeout=visibility_timeout,
                                 dead_letter_ttl=dead_letter_ttl)
@@ -211,12 +224,16 @@ class AgentKernel:
             "proc.ps": self._proc_ps, "proc.self": self._proc_self, "proc.exit": self._proc_exit,
             "fs.read": self._fs_read, "fs.write": self._fs_write, "fs.append": self._fs_append,
             "fs.list": self._fs_list, "fs.delete": self._fs_delete, "fs.stat": self._fs_stat,
+            "tool.list": self._tool_list, "tool.call": self._tool_call, "tool.await": self._tool_await,
+            "mem.remember": self._mem_remember, "mem.recall": self._mem_recall, "mem.forget": self._mem_forget,
+            "kv.get": self._kv_get, "kv.put": self._kv_put, "kv.delete": self._kv_delete, "kv.list": self._kv_list,
+            "conv.send": self._conv_send, "conv.get": self._conv_get,
         }
 
     def _blocked(self, proc: Process):
         return _Blocked(self.supervisor, proc.pid)
 
-    def _llm(self, proc: Process, prompt, sampling) -> dict:
+    def _llm(self, proc: Process, prompt, sampling, **tools) -> dict:
         if not isinstance(sampling, dict):
             raise InvalidRequestError(f"sampling: must be an object, got {sampling!r}")
         cap = proc.limits.max_tokens
@@ -227,7 +244,7 @@ class AgentKernel:
                 raise LimitExceeded("max_tokens", f"process {proc.pid} has used its {cap} LLM tokens")
             sampling = {**sampling, "max_tokens": min(sampling.get("max_tokens", 256), left)}
         with self._blocked(proc):
-            out = self.llm.generate(proc, prompt, sampling)
+            out = self.llm.generate(proc, prompt, sampling, **tools)
         self.table.add_usage(proc.pid, prompt_tokens=out["prompt_tokens"], output_tokens=out["output_tokens"])
         return out
 
@@ -237,7 +254,10 @@ class AgentKernel:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise InvalidRequestError("messages: must be a non-empty list of {'role': str, 'content': str}")
-        return self._llm(proc, [{"role": m["role"], "content": m["content"]} for m in messages], a.get("sampling", {}))
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if a.get("tools") is None:
+            return self._llm(proc, messages, a.get("sampling", {}))
+        return self._chat_with_tools(proc, messages, a)
 
     def _llm_generate(self, proc, a):
         prompt = a.get("prompt")
@@ -359,14 +379,125 @@ class AgentKernel:
         return self.storage.stat(proc.tenant, a["path"])
 
 
-class _Blocked:
-    """The process shows as blocked while it waits inside a system call."""
+    # -- the function library -------------------------------------------------------------
+    def _tool_ctx(self, proc: Process) -> ToolContext:
+        if self.library is None:
+            raise InvalidRequestError("tool: this kernel has no function library")
+        return ToolContext(proc.tenant, proc.pid, tuple(proc.caps),
+                           {"storage": self.storage, "memory": self.memory, "kv": self.kv,
+                            "hidden_paths": self.hidden_paths})
 
-    def __init__(self, supervisor: Supervisor, pid: int) -> None:
-        self.supervisor, self.pid = supervisor, pid
+    def _tool_list(self, proc, a):
+        self._tool_ctx(proc)
+        return {"tools": [t.spec() for t in self.library.tools(tuple(proc.caps))]}
+
+    def _tool_call(self, proc, a):
+        ctx = self._tool_ctx(proc)
+        tool = self.library.get(a.get("name"))
+        state = ProcessState.WAITING_APPROVAL if tool.needs_approval else ProcessState.BLOCKED
+        with _Blocked(self.supervisor, proc.pid, state):
+            return self.library.call(ctx, tool.name, a.get("args"), wait=MAX_BLOCK)
+
+    def _tool_await(self, proc, a):
+        ctx = self._tool_ctx(proc)
+        with _Blocked(self.supervisor, proc.pid, ProcessState.WAITING_APPROVAL):
+            return self.library.await_approval(ctx, a.get("id"), wait=MAX_BLOCK)
+
+    def _chat_with_tools(self, proc: Process, messages: list[dict], a: dict) -> dict:
+        """llm.chat with tools: one generation that may call one (execute_tools false), or
+        the whole model -> tool -> model loop run here (execute_tools true)."""
+        names = a.get("tools")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise InvalidRequestError(f"tools: must be a non-empty list of tool names, got {names!r}")
+        self._tool_ctx(proc)                  # a kernel without a library says so here
+        tools = [self.library.get(n) for n in names]
+        for t in tools:
+            Capabilities(proc.caps).check(proc.pid, "tool.call", name=t.name)
+        sampling = a.get("sampling", {})
+
+        def generate(msgs, specs, choice):
+            out = self._llm(proc, msgs, sampling, tools=specs or None, tool_choice=choice)
+            return loop.TurnOutput(out["text"], out.get("tool_call"), out["prompt_tokens"], out["output_tokens"],
+                                   out["finish_reason"])
+
+        if not a.get("execute_tools"):
+            out = generate(messages, loop.function_specs(tools), _choice(a.get("tool_choice", "auto"), tools))
+            call = out.call and {**out.call, "name": self.library.get(out.call["name"]).name}
+            return {"text": out.text, "tool_call": call, "finish_reason": out.finish_reason,
+                    "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens}
+
+        def call_tool(name, args):
+            return self.syscalls.call(proc, "tool.call", {"name": name, "args": args})["result"]
+
+        result = loop.run(generate, call_tool, messages, tools, max_turns=a.get("max_turns", 4),
+                          tool_choice=a.get("tool_choice", "auto"))
+        return result.to_dict()
+
+    # -- long-term memory and the key-value store --------------------------------------------
+    def _memory(self):
+        if self.memory is None:
+            raise InvalidRequestError("mem: this kernel has no semantic memory")
+        return self.memory
+
+    def _mem_scopes(self, proc: Process) -> list[str]:
+        mine = [f"proc:{proc.pid}"]
+        return mine + ["tenant"] if Capabilities(proc.caps).allows("mem:shared") else mine
+
+    def _mem_remember(self, proc, a):
+        scope = "tenant" if a.get("shared") else f"proc:{proc.pid}"
+        return {"id": self._memory().remember(proc.tenant, scope, a.get("text"), a.get("metadata"))}
+
+    def _mem_recall(self, proc, a):
+        items = self._memory().recall(proc.tenant, self._mem_scopes(proc), a.get("query"), a.get("k", 5),
+                                      a.get("filter"))
+        return {"items": [{"id": m.id, "text": m.text, "score": m.score, "metadata": m.metadata,
+                           "created_at": m.created_at, "shared": m.scope == "tenant"} for m in items]}
+
+    def _mem_forget(self, proc, a):
+        scopes = ["tenant"] if a.get("shared") else [f"proc:{proc.pid}"]
+        return {"ok": self._memory().forget(proc.tenant, scopes, a.get("id"))}
+
+    def _kv_get(self, proc, a):
+        return {"item": self.kv.get(proc.tenant, a.get("key"))}
+
+    def _kv_put(self, proc, a):
+        if_version = a.get("if_version")
+        if if_version is not None:
+            if_version = _int("if_version", if_version, 0)
+        return {"version": self.kv.put(proc.tenant, a.get("key"), a.get("value"), if_version)}
+
+    def _kv_delete(self, proc, a):
+        return {"ok": self.kv.delete(proc.tenant, a.get("key"))}
+
+    def _kv_list(self, proc, a):
+        return {"keys": self.kv.list(proc.tenant, a.get("prefix") or "")}
+
+    # -- conversations longer than the context window ------------------------------------------
+    def _conversations(self):
+        if self.conversations is None:
+            raise InvalidRequestError("conv: this kernel has no conversation store")
+        return self.conversations
+
+    def _conv_send(self, proc, a):
+        convs = self._conversations()
+        with self._blocked(proc):
+            return convs.send(proc.tenant, a.get("name"), a.get("content"), owner=f"proc:{proc.pid}",
+                              generate=lambda msgs, sampling: self._llm(proc, msgs, sampling),
+                              sampling=a.get("sampling", {}), budget=a.get("budget"))
+
+    def _conv_get(self, proc, a):
+        return self._conversations().get(proc.tenant, a.get("name")).to_dict()
+
+
+class _Blocked:
+    """The process shows as blocked (or waiting for approval) while it waits inside a
+    system call."""
+
+    def __init__(self, supervisor: Supervisor, pid: int, state: ProcessState = ProcessState.BLOCKED) -> None:
+        self.supervisor, self.pid, self.state = supervisor, pid, state
 
     def __enter__(self):
-        self.supervisor.set_state(self.pid, ProcessState.BLOCKED)
+        self.supervisor.set_state(self.pid, self.state)
 
     def __exit__(self, *exc):
         self.supervisor.set_state(self.pid, ProcessState.RUNNING)
@@ -386,6 +517,16 @@ def _program(path, cwd: str | None) -> tuple[str, str]:
     if not os.path.isfile(path):
         raise InvalidRequestError(f"path: no such file {path!r}")
     return path, cwd or os.path.dirname(path)
+
+
+def _choice(choice, tools) -> object:
+    """An agent's tool_choice ("auto", "required", or a tool's name) as the LLM layer takes it."""
+    if choice in ("auto", "required", "none"):
+        return choice
+    for t in tools:
+        if choice in (t.name, t.function_name):
+            return {"type": "function", "function": {"name": t.function_name}}
+    raise InvalidRequestError(f"tool_choice: must be auto, required, none or one of the tools given, got {choice!r}")
 
 
 def _nonneg(name: str, v) -> float:

@@ -9,8 +9,11 @@ most what its parent holds, so authority can only narrow down the process tree.
     proc:spawn               start child processes
     fs:read:<path-glob>      read, list and stat matching paths
     fs:write:<path-glob>     write, append and delete matching paths (not read them)
-    tool:<name-glob>         call matching tools
-    mem                      the semantic long-term memory
+    tool:<name-glob>         call matching tools (and see them in tool.list)
+    mem                      the process's own semantic long-term memory
+    mem:shared               the tenant-wide shared memory as well (recall sees it, remember
+                             and forget with shared=true reach it)
+    kv:<key-glob>            read and write matching keys of the tenant's key-value store
 
 Globs are fnmatch patterns (`*`, `?`, `[...]`), case-sensitive. A path is one string, so
 `*` and `?` match `/` too: `fs:read:data/*` reaches data/x.txt and data/sub/y.txt (but not
@@ -31,8 +34,8 @@ from llmos.errors import InvalidRequestError, LLMOSError
 from llmos.kernel.storage import TenantStorage
 
 # Family -> whether it takes a glob. A family without one is the whole capability.
-_FAMILIES = {"llm": False, "msg": False, "proc:spawn": False, "mem": False,
-             "msg:send": True, "msg:topic": True, "fs:read": True, "fs:write": True, "tool": True}
+_FAMILIES = {"llm": False, "msg": False, "proc:spawn": False, "mem:shared": False, "mem": False,
+             "msg:send": True, "msg:topic": True, "fs:read": True, "fs:write": True, "tool": True, "kv": True}
 _PATH_FAMILIES = ("fs:read", "fs:write")
 _MSG_FAMILIES = ("msg:send", "msg:topic")
 _WILDCARDS = "*?["
@@ -40,7 +43,7 @@ _MAX_GLOB = 1024
 
 # Every capability there is: the set that covers all others, for a process a user starts
 # directly rather than one spawned by another process.
-ALL = ("llm", "msg", "proc:spawn", "fs:read:*", "fs:write:*", "tool:*", "mem")
+ALL = ("llm", "msg", "proc:spawn", "fs:read:*", "fs:write:*", "tool:*", "mem", "mem:shared", "kv:*")
 
 
 class PermissionDenied(LLMOSError):
@@ -198,6 +201,10 @@ _SYSCALLS: dict[str, tuple[str, str | None] | None] = {
                      "proc.self", "proc.exit")),
     "fs.read": ("fs:read", "path"), "fs.list": ("fs:read", "path"), "fs.stat": ("fs:read", "path"),
     "fs.write": ("fs:write", "path"), "fs.append": ("fs:write", "path"), "fs.delete": ("fs:write", "path"),
+    "tool.list": None, "tool.call": ("tool", "name"), "tool.await": None,
+    "mem.remember": ("mem", None), "mem.recall": ("mem", None), "mem.forget": ("mem", None),
+    "kv.get": ("kv", "key"), "kv.put": ("kv", "key"), "kv.delete": ("kv", "key"), "kv.list": ("kv", "prefix"),
+    "conv.send": ("llm", None), "conv.get": ("llm", None),
 }
 
 
@@ -215,6 +222,8 @@ def required_for(call: str, **args) -> str | None:
       `fs:read:*` grants."""
     if call not in _SYSCALLS:
         raise InvalidRequestError(f"call: unknown system call {call!r}")
+    if call.startswith("mem.") and args.get("shared"):
+        return "mem:shared"
     need = _SYSCALLS[call]
     if need is None:
         return None
@@ -222,6 +231,8 @@ def required_for(call: str, **args) -> str | None:
     if arg is None:
         return family
     value = args.get(arg)
+    if call == "kv.list":
+        return f"kv:{value or ''}*" if isinstance(value, str) or value is None else f"kv:{value!r}"
     if not isinstance(value, str) or (not value and family not in _PATH_FAMILIES):
         raise InvalidRequestError(f"{call}: '{arg}' must be a non-empty string, got {value!r}")
     if family in _PATH_FAMILIES:

@@ -28,6 +28,7 @@ class ProcessState(str, Enum):
     STARTING = "starting"      # row made, OS process not yet running (or waiting to restart)
     RUNNING = "running"
     BLOCKED = "blocked"        # inside a blocking system call: recv, wait, llm
+    WAITING_APPROVAL = "waiting-approval"   # a tool call waits for a person's approve or deny
     SUSPENDED = "suspended"    # stopped by SIGSTOP; its LLM requests leave the KV pool
     EXITED = "exited"          # ended on its own with status 0
     KILLED = "killed"          # ended by llmos: a kill, a shutdown, or a limit llmos enforces
@@ -38,7 +39,8 @@ class ProcessState(str, Enum):
         return self in _LIVE
 
 
-_LIVE = frozenset({ProcessState.STARTING, ProcessState.RUNNING, ProcessState.BLOCKED, ProcessState.SUSPENDED})
+_LIVE = frozenset({ProcessState.STARTING, ProcessState.RUNNING, ProcessState.BLOCKED, ProcessState.WAITING_APPROVAL,
+                   ProcessState.SUSPENDED})
 RESTART_POLICIES = ("never", "on-failure", "always")
 
 

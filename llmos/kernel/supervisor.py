@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
 
 
+# States of a process that runs or waits inside a system call (not suspended, not ended).
+_ACTIVE = (ProcessState.RUNNING, ProcessState.BLOCKED, ProcessState.WAITING_APPROVAL)
+
 class DeadlockError(LLMOSError):
     """A wait that could never return: the target (transitively) waits on the waiter."""
 
@@ -194,8 +197,7 @@ class Supervisor:
         """Stops the process group with SIGSTOP. False unless it is running or blocked."""
         with self._lock:
             proc, run = self._get(pid), self._runs.get(pid)
-            if run is None or run.reaped or run.kill_reason or proc.state not in (ProcessState.RUNNING,
-                                                                                   ProcessState.BLOCKED):
+            if run is None or run.reaped or run.kill_reason or proc.state not in _ACTIVE:
                 return False
             _signal_group(run.os_pid, signal.SIGSTOP)
             run.resume_state = proc.state
@@ -225,8 +227,8 @@ class Supervisor:
     def set_state(self, pid: int, state: ProcessState | str) -> bool:
         """Marks a process blocked or running around a blocking system call. A suspended
         process stays suspended (resume will restore this state); an ended one is left alone."""
-        if state not in (ProcessState.RUNNING, ProcessState.BLOCKED, "running", "blocked"):
-            raise InvalidRequestError(f"state: must be 'running' or 'blocked', got {state!r}")
+        if state not in (*_ACTIVE, *(s.value for s in _ACTIVE)):
+            raise InvalidRequestError(f"state: must be one of {', '.join(s.value for s in _ACTIVE)}, got {state!r}")
         state = ProcessState(state)
         with self._lock:
             proc, run = self._get(pid), self._runs.get(pid)
@@ -234,7 +236,7 @@ class Supervisor:
                 return False
             if proc.state is ProcessState.SUSPENDED:
                 run.resume_state = state
-            elif proc.state in (ProcessState.RUNNING, ProcessState.BLOCKED):
+            elif proc.state in _ACTIVE:
                 self.table.update(pid, state=state)
             else:
                 return False

@@ -26,6 +26,7 @@ from llmos.kernel.journal import Journal, digest
 from llmos.kernel.process import Process
 
 Handler = Callable[[Process, dict], Any]
+_CHECKED_ARGS = ("to", "topic", "path", "name", "key", "prefix", "shared")   # what capabilities look at
 
 
 @functools.lru_cache(maxsize=1024)
@@ -71,7 +72,7 @@ class SyscallTable:
         self.on_call(proc)
         try:
             checked = self.checked_args(proc, call, args)
-            required = required_for(call, **{k: checked[k] for k in ("to", "topic", "path") if k in checked})
+            required = required_for(call, **{k: checked[k] for k in _CHECKED_ARGS if k in checked})
             if required is not None and not _capabilities(tuple(proc.caps)).allows(required):
                 raise PermissionDenied(call, proc.pid, required)
         except PermissionDenied as e:

@@ -17,10 +17,19 @@ from llmos.kernel.intrusion import IntrusionDetector
 from llmos.server.agents import ProcessLLM
 from llmos.server.embeddings import Embedder
 from llmos.server.keys import KeyStore
-from llmos.server.routers import chat, completions, embeddings, health, kernel, models, processes
+from llmos.server.routers import chat, completions, embeddings, health, kernel, library, models, processes
 from llmos.server.settings import Settings
 from llmos.server.sysgate import SyscallGate
 from llmos.server.state import ServerState
+from llmos.config import llmos_home
+from llmos.kernel.approvals import ApprovalBook
+from llmos.kernel.conversation import ConversationStore
+from llmos.kernel.memory import SemanticMemory
+from llmos.tools import builtins
+from llmos.tools.library import FunctionLibrary
+from llmos.tools.mcp import MCPHub
+from llmos.tools.pool import ToolPool
+from llmos.tools.registry import DEFAULT, ToolRegistry
 
 
 SUBMIT_THREADS = 256
@@ -38,15 +47,19 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
         host = s.host if ":" not in s.host else f"[{s.host}]"
         sock = s.agents_path / "kernel.sock"
         sock = sock if len(str(sock)) < 100 else None      # AF_UNIX paths are short; else HTTP only
+        services = build_services(settings, state)
         state.agents = AgentKernel(s.agents_path, f"http://{host}:{s.port}", ProcessLLM(state.llm, state.embedder),
                                    socket=sock,
                                    kill_grace=s.kill_grace, denial_threshold=s.denial_threshold,
-                                   max_restarts=s.max_restarts, restart_backoff=(0.1, s.restart_backoff_max))
+                                   max_restarts=s.max_restarts, restart_backoff=(0.1, s.restart_backoff_max),
+                                   **services)
         gate = SyscallGate(sock, state.agents) if sock else None
         yield
         if gate:
             gate.close()
         state.agents.shutdown()
+        services["library"].close()
+        services["memory"].close()
         state.llm.close()
         state.keys.close()
 
@@ -55,10 +68,34 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
     app.state.llmos = state
     errors.install(app)
     for r in (chat.router, completions.router, embeddings.router, models.router, kernel.router, processes.router,
-              processes.sys_router, health.router):
+              processes.sys_router, library.router, health.router):
         app.include_router(r)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def build_services(settings: Settings, state: ServerState) -> dict:
+    """The function library (registry, worker pool, approvals, MCP servers), semantic memory
+    and conversations the agent kernel and the HTTP API share."""
+    s, t = settings.server, settings.tools
+    home = s.agents_path
+    home.mkdir(parents=True, exist_ok=True)
+    registry = ToolRegistry()
+    builtins.install(registry, http_allow_hosts=t.http_allow_hosts)
+    registry.absorb(DEFAULT)
+    for module in t.modules:
+        registry.load_module(module)
+    hub = MCPHub(settings.mcp_servers) if settings.mcp_servers else None
+    if hub is not None:
+        hub.start()
+    library = FunctionLibrary(registry, ToolPool(t.workers, default_timeout=t.timeout, max_waiting=t.max_waiting),
+                              ApprovalBook(home / "approvals.db"), mcp=hub, approval_timeout=t.approval_timeout)
+    memory = SemanticMemory(home / "memory.db", state.embedder.embed, state.embedder.dimensions)
+    tokenizer = state.llm.get_tokenizer()
+    conversations = ConversationStore(home / "conversations.db", memory, lambda text: len(tokenizer.encode(text)),
+                                      budget=t.conversation_budget)
+    hidden = sorted({str(llmos_home()), str(s.keys_path.parent), str(home)})
+    return {"library": library, "memory": memory, "conversations": conversations, "hidden_paths": hidden}
 
 
 def _openapi(app: FastAPI) -> dict:

@@ -69,6 +69,21 @@ _KINDS = {
     "PathEscape": (400, "invalid_request_error", "path_escape"),
     "InvalidRequestError": (400, "invalid_request_error", "invalid_value"),
     "PromptTooLongError": (413, "invalid_request_error", "context_length_exceeded"),
+    "NoSuchTool": (404, "invalid_request_error", "tool_not_found"),
+    "ToolArgumentError": (400, "invalid_request_error", "invalid_tool_arguments"),
+    "ToolError": (502, "api_error", "tool_error"),
+    "MCPError": (502, "api_error", "tool_error"),
+    "SandboxFailed": (502, "api_error", "tool_error"),
+    "SandboxLimit": (502, "api_error", "tool_limit"),
+    "CalculatorError": (400, "invalid_request_error", "invalid_tool_arguments"),
+    "ToolTimeout": (504, "api_error", "tool_timeout"),
+    "SandboxTimeout": (504, "api_error", "tool_timeout"),
+    "ToolBusy": (429, "rate_limit_error", "tool_busy"),
+    "ApprovalDenied": (403, "permission_error", "approval_denied"),
+    "NoSuchApproval": (404, "invalid_request_error", "approval_not_found"),
+    "AlreadyDecided": (409, "invalid_request_error", "already_decided"),
+    "VersionConflict": (409, "invalid_request_error", "version_conflict"),
+    "MemoryFull": (413, "invalid_request_error", "quota_exceeded"),
 }
 
 

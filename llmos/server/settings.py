@@ -64,9 +64,57 @@ class ServerSettings:
 
 
 @dataclass
+class ToolSettings:
+    modules: list = field(default_factory=list)   # modules (dotted names or .py paths) whose @llmos.tool functions load
+    workers: int = 8                  # threads in the tool worker pool
+    timeout: float = 30.0             # seconds a tool call may run unless the tool sets its own
+    max_waiting: int = 256            # tool calls that may wait for a worker before more are refused
+    approval_timeout: float = 3600.0  # seconds a needs_approval call waits for a person before it is denied
+    http_allow_hosts: list = field(default_factory=list)   # host globs http.get may fetch; empty = no http.get
+    conversation_budget: int = 1024   # tokens of working context a conversation keeps by default
+
+    def __post_init__(self) -> None:
+        for name in ("modules", "http_allow_hosts"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+                raise InvalidRequestError(f"tools.{name}: must be a list of non-empty strings, got {v!r}")
+        integer("tools.workers", self.workers, 1, 256)
+        integer("tools.max_waiting", self.max_waiting, 1)
+        integer("tools.conversation_budget", self.conversation_budget, 128, 1 << 20)
+        number("tools.timeout", self.timeout, 0.001)
+        number("tools.approval_timeout", self.approval_timeout, 0.001)
+
+
+@dataclass
 class Settings:
     engine: dict = field(default_factory=dict)      # EngineConfig keyword arguments
     server: ServerSettings = field(default_factory=ServerSettings)
+    tools: ToolSettings = field(default_factory=ToolSettings)
+    mcp_servers: list = field(default_factory=list)  # [[mcp_servers]]: name and command (argv list) or url
+
+    def __post_init__(self) -> None:
+        from llmos.tools.mcp import MCPServerConfig
+        if not isinstance(self.mcp_servers, list):
+            raise InvalidRequestError("mcp_servers: must be an array of tables ([[mcp_servers]])")
+        configs = []
+        for i, entry in enumerate(self.mcp_servers):
+            if isinstance(entry, MCPServerConfig):
+                configs.append(entry)
+                continue
+            if not isinstance(entry, dict):
+                raise InvalidRequestError(f"mcp_servers[{i}]: must be a table")
+            unknown = sorted(set(entry) - {"name", "command", "url", "env", "timeout"})
+            if unknown:
+                raise InvalidRequestError(f"mcp_servers[{i}]: unknown key(s) {unknown}; known: name, command, url, "
+                                          f"env, timeout")
+            try:
+                configs.append(MCPServerConfig(**entry))
+            except TypeError as e:
+                raise InvalidRequestError(f"mcp_servers[{i}]: {e}") from None
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError(f"mcp_servers: names must be unique, got {names}")
+        self.mcp_servers = configs
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.engine)
@@ -74,9 +122,13 @@ class Settings:
     def to_toml(self) -> str:
         """The effective configuration. TOML has no null, so unset settings appear as comments."""
         out = []
-        for name, values in (("engine", self.engine), ("server", dataclasses.asdict(self.server))):
+        for name, values in (("engine", self.engine), ("server", dataclasses.asdict(self.server)),
+                             ("tools", dataclasses.asdict(self.tools))):
             out.append(tomli_w.dumps({name: {k: v for k, v in values.items() if v is not None}})
                        + "".join(f"# {k} is unset\n" for k, v in values.items() if v is None))
+        if self.mcp_servers:
+            out.append(tomli_w.dumps({"mcp_servers": [{k: v for k, v in dataclasses.asdict(c).items() if v is not None}
+                                                      for c in self.mcp_servers]}))
         return "\n".join(out)
 
 
@@ -91,15 +143,18 @@ def is_loopback(host: str) -> bool:
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Settings:
     """Defaults, then the TOML file, then `overrides` ({"engine.model": ..., "server.port": ...})."""
-    sections: dict[str, dict] = {"engine": {}, "server": {}}
+    sections: dict[str, dict] = {"engine": {}, "server": {}, "tools": {}}
+    mcp_servers: list = []
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise InvalidRequestError(f"config {path}: {e}") from None
+        mcp_servers = data.pop("mcp_servers", [])
         unknown = sorted(set(data) - set(sections))
         if unknown:
-            raise InvalidRequestError(f"config {path}: unknown section(s) {unknown}; known: engine, server")
+            raise InvalidRequestError(f"config {path}: unknown section(s) {unknown}; known: engine, server, tools, "
+                                      f"mcp_servers")
         for name, values in data.items():
             if not isinstance(values, dict):
                 raise InvalidRequestError(f"config {path}: [{name}] must be a table")
@@ -107,12 +162,13 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in sections or not key:
-            raise InvalidRequestError(f"setting {dotted!r}: expected engine.<name> or server.<name>")
+            raise InvalidRequestError(f"setting {dotted!r}: expected engine.<name>, server.<name> or tools.<name>")
         sections[section][key] = value
     engine_fields = [f for f in dataclasses.fields(EngineConfig)]
     known_engine = {f.name for f in engine_fields}
     known_server = {f.name for f in dataclasses.fields(ServerSettings)}
-    for section, known in (("engine", known_engine), ("server", known_server)):
+    known_tools = {f.name for f in dataclasses.fields(ToolSettings)}
+    for section, known in (("engine", known_engine), ("server", known_server), ("tools", known_tools)):
         unknown = sorted(set(sections[section]) - known)
         if unknown:
             raise InvalidRequestError(f"[{section}]: unknown setting(s) {unknown}; known: {sorted(known)}")
@@ -120,4 +176,4 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
     engine.update(SERVER_ENGINE_DEFAULTS)
     engine.update(sections["engine"])
     EngineConfig(**{**engine, "device": "cpu"})   # validate now; "auto" is resolved when the engine starts
-    return Settings(engine, ServerSettings(**sections["server"]))
+    return Settings(engine, ServerSettings(**sections["server"]), ToolSettings(**sections["tools"]), mcp_servers)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from llmos.outputs import StreamDelta
 from llmos.server.auth import Principal, authenticate, get_state
@@ -14,8 +17,13 @@ from llmos.server.generation import Generation, serve_generation, sse
 from llmos.server.logprobs import chat_logprobs
 from llmos.server.prompts import chat_prompt, response_format_spec, sampling_params
 from llmos.server.routers.common import GENERATION_ERRORS, check_model, event_stream
-from llmos.server.schemas.openai import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                         ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Usage)
+from llmos.server.schemas.openai import (AssistantMessage, AssistantTurn, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                         ChatCompletionChunk, ChatCompletionRequest, ChatDelta, FunctionDef,
+                                         LlmosTool, NamedToolChoice, Tool, Usage)
+from llmos.server.agents import run_chat
+from llmos.server.routers.library import call_tool_audited
+from llmos.server.tools import call_text, new_call_id
+from llmos.tools import loop
 from llmos.server.state import ServerState
 from llmos.server.tools import CallStream, ToolPlan, parse_call, plan
 
@@ -27,6 +35,11 @@ router = APIRouter(tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(authenticate),
                            state: ServerState = Depends(get_state)):
     check_model(state, body.model)
+    if body.tools and any(isinstance(t, LlmosTool) for t in body.tools):
+        library_tools = [state.agents.library.get(t.name) if isinstance(t, LlmosTool) else None for t in body.tools]
+        if body.llmos_execute:
+            return JSONResponse(await anyio.to_thread.run_sync(execute, state, principal, body, library_tools))
+        body.tools = [_function(t) if lt is None else _function(lt) for t, lt in zip(body.tools, library_tools)]
     tools = plan(body.tools, body.tool_choice)
     guided = tools.guided if tools else response_format_spec(body.response_format)
     tokenizer = state.llm.get_tokenizer()
@@ -101,3 +114,45 @@ async def _events(gen: Generation, cid: str, created: int, model: str, prompt_to
                                     usage=Usage.of(prompt_tokens, gen.outputs))
         yield sse(usage.model_dump_json())
     yield sse("[DONE]")
+
+
+def _function(t) -> Tool:
+    """A library tool as the OpenAI function definition a client would have written."""
+    if isinstance(t, Tool):
+        return t
+    return Tool(type="function", function=FunctionDef(name=t.function_name, description=t.description,
+                                                      parameters=t.parameters))
+
+
+def execute(state: ServerState, principal: Principal, body: ChatCompletionRequest, tools) -> dict:
+    """llmos_execute: the server runs the model -> tool -> model loop with the key's
+    tenant and returns the final answer as a chat completion, plus `llmos_trace`. Blocking."""
+    messages = []
+    for m in body.messages:
+        content = m.text() or ""
+        if isinstance(m, AssistantTurn) and m.tool_calls:
+            content = "\n".join([content, *(call_text(c) for c in m.tool_calls)]).strip()
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    sampling = {k: v for k, v in (("max_tokens", body.max_completion_tokens or body.max_tokens),
+                                  ("temperature", body.temperature), ("top_p", body.top_p), ("seed", body.seed))
+                if v is not None}
+    state.set_weight(principal.tenant, principal.weight)
+
+    def generate(msgs, specs, choice):
+        out = run_chat(state.llm, msgs, sampling, tools=specs or None, tool_choice=choice, tenant=principal.tenant,
+                       priority=principal.default_priority)
+        return loop.TurnOutput(out["text"], out["tool_call"], out["prompt_tokens"], out["output_tokens"],
+                               out["finish_reason"])
+
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        choice = choice.function.name
+    result = loop.run(generate, lambda name, args: call_tool_audited(state, principal.tenant, name, args)["result"],
+                      messages, tools, max_turns=body.llmos_max_turns, tool_choice=choice or "auto")
+    return {"id": "chatcmpl-" + new_call_id()[5:], "object": "chat.completion", "created": int(time.time()),
+            "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
+                      "total_tokens": result.prompt_tokens + result.output_tokens},
+            "llmos_trace": result.trace, "llmos_turns": result.turns}

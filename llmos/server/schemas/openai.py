@@ -123,6 +123,21 @@ class Tool(BaseModel):
     type: Literal["function"]
     function: FunctionDef
 
+    @property
+    def function_name(self) -> str:
+        return self.function.name
+
+
+class LlmosTool(BaseModel):
+    """llmos's extension: a tool from the server's function library, by name; with
+    `llmos_execute` the server also runs it."""
+    type: Literal["llmos"]
+    name: str = Field(min_length=1, max_length=128)
+
+    @property
+    def function_name(self) -> str:
+        return self.name.replace(".", "_")
+
 
 class NamedFunction(BaseModel):
     name: str = Field(pattern=FUNCTION_NAME)
@@ -162,10 +177,14 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = Field(None, max_length=128)
+    tools: list[Annotated[Tool | LlmosTool, Field(discriminator="type")]] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    llmos_execute: bool = Field(False, description="llmos: run the model -> tool -> model loop on the server "
+                                                   "(the tools must be {type: llmos} tools) and return the final "
+                                                   "answer with `llmos_trace`")
+    llmos_max_turns: int = Field(4, ge=1, le=16, description="llmos: most tool calls the server runs")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -174,13 +193,19 @@ class ChatCompletionRequest(SamplingFields):
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("tool_choice: requires tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in \
-                {t.function.name for t in self.tools or []}:
+                {t.function_name for t in self.tools or []}:
             raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r}")
-        if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
+        if self.tools and len({t.function_name for t in self.tools}) != len(self.tools):
             raise ValueError("tools: function names must be unique")
         if self.tools and self.tool_choice not in (None, "none") and self.response_format is not None \
                 and self.response_format.type != "text":
             raise ValueError("response_format: cannot be combined with tool calls")
+        if self.llmos_execute:
+            if not self.tools or not all(isinstance(t, LlmosTool) for t in self.tools):
+                raise ValueError("llmos_execute: every entry of tools must be {\"type\": \"llmos\", \"name\": ...}")
+            if self.stream or self.n != 1:
+                raise ValueError("llmos_execute: runs tools on the server and returns one final answer; "
+                                 "stream must be false and n 1")
         return self
 
 
