@@ -78,10 +78,10 @@ def test_hung_and_crashing_tools_cost_their_caller_an_error_not_a_worker(lib):
     for _ in range(3):
         t0 = time.monotonic()
         r = call(lib, "hang", seconds=30)
-        assert r.status_code == 504 and r.json()["error"]["code"] == "tool_timeout", r.text
+        assert r.status_code == 424 and r.json()["error"]["code"] == "tool_timeout", r.text
         assert time.monotonic() - t0 < 10
     r = call(lib, "crash", message="boom")
-    assert r.status_code == 502 and "tool crashed: boom" in r.json()["error"]["message"]
+    assert r.status_code == 424 and "tool crashed: boom" in r.json()["error"]["message"]
     assert call(lib, "calculator", expression="1+1").json()["result"] == 2
 
 
@@ -89,10 +89,10 @@ def test_python_tool_runs_sandboxed_and_cannot_read_the_key_database(lib):
     r = call(lib, "python", code="print(sum(range(10)))")
     assert r.status_code == 200 and r.json()["result"].strip() == "45"
     r = call(lib, "python", code=f"print(open({str(lib.keys_db)!r}, 'rb').read()[:16])")
-    assert r.status_code == 502, r.text
+    assert r.status_code == 424, r.text
     assert "SQLite" not in r.text
     r = call(lib, "python", code="while True: pass", timeout=1)
-    assert r.status_code == 504 and r.json()["error"]["code"] == "tool_timeout"
+    assert r.status_code == 424 and r.json()["error"]["code"] == "tool_timeout"
 
 
 def test_mcp_tool_called_over_http_and_by_an_agent(lib, tmp_path):

@@ -214,7 +214,7 @@ def test_stdio_server_killed_mid_call_fails_fast_and_comes_back():
             hub.call("mcp.echo.crash", {}, timeout=20)
         assert time.monotonic() - start < 5
         assert hub.call("mcp.echo.echo", {"text": "back"}) == "back"
-        assert str(pid) not in os.listdir("/proc") or proc_stat(str(pid))[0] != "Z"
+        assert (proc_stat(str(pid)) or ("gone",))[0] != "Z"         # the dead server was reaped
     finally:
         hub.close()
     assert until(lambda: not marked_processes(mark), 5)
@@ -226,7 +226,7 @@ def test_http_server_killed_mid_call_fails_fast_and_comes_back(http_server):
     try:
         assert hub.call("mcp.web.add", {"a": 1, "b": 2}) == 3
         error, took = call_while_killed(hub, "mcp.web.sleep", http_server.kill)
-        assert took < 5 and "web" in str(error)
+        assert took < 5 and "MCP server web died during the call" in str(error)
         http_server.start()
         assert hub.call("mcp.web.add", {"a": 2, "b": 3}) == 5
         # killed and restarted while idle: the heartbeat notices, and the next call works
@@ -241,23 +241,25 @@ def test_http_server_killed_mid_call_fails_fast_and_comes_back(http_server):
 def test_hanging_servers_cannot_hang_the_kernel():
     mark = uuid.uuid4().hex
     env = {"MCP_TEST_MARK": mark}
-    hub = MCPHub([stdio("stuck", "--hang", "init", env=env), stdio("mute", "--hang", "list", env=env, timeout=2),
+    hub = MCPHub([stdio("stuck", "--hang", "init", env=env),
+                  stdio("mute", "--hang", "list", env=env, timeout=2),
                   stdio("fine", "--raw", env=env)], list_timeout=1.0)
     hub.start()
     try:
-        start = time.monotonic()
+        assert until(lambda: hub.status()[2]["connected"], 20)
+        start = time.monotonic()        # "stuck" is still in its first attempt: list_tools waits for it
         names = {t.name for t in hub.list_tools()}
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 2.5
         assert names == {"mcp.fine.add", "mcp.fine.echo"}
         start = time.monotonic()
         with pytest.raises(MCPError, match="stuck is not connected"):
             hub.call("mcp.stuck.add", {"a": 1, "b": 2}, timeout=30)
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 2.5
         assert hub.call("mcp.fine.add", {"a": 2, "b": 3}) == 5
         assert until(lambda: "TimeoutError" in (hub.status()[1]["last_error"] or ""), 10)
         start = time.monotonic()
         assert {t.name for t in hub.list_tools()} == names
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 2.5
     finally:
         hub.close()
     assert until(lambda: not marked_processes(mark), 5)

@@ -27,6 +27,13 @@ OPERATIONS = [
     ("GET", "/v1/processes/{pid}/wait", 5), ("GET", "/v1/processes/{pid}/logs", 5), ("POST", "/v1/messages", 10),
     ("GET", "/v1/messages/dead", 3), ("GET", "/v1/topics/{topic}", 5), ("POST", "/v1/topics/{topic}/publish", 5),
     ("GET", "/v1/audit", 5), ("GET", "/v1/audit/verify", 3), ("POST", "/v1/sys", 10),
+    ("GET", "/v1/tools", 3), ("POST", "/v1/tools/{name}/call", 15), ("GET", "/v1/approvals", 5),
+    ("GET", "/v1/approvals/{id}", 5), ("POST", "/v1/approvals/{id}/{decision}", 8),
+    ("GET", "/v1/fs", 5), ("GET", "/v1/fs/{path}", 5), ("PUT", "/v1/fs/{path}", 8), ("DELETE", "/v1/fs/{path}", 5),
+    ("GET", "/v1/kv", 5), ("GET", "/v1/kv/{key}", 5), ("PUT", "/v1/kv/{key}", 10), ("DELETE", "/v1/kv/{key}", 5),
+    ("POST", "/v1/memory", 8), ("POST", "/v1/memory/recall", 8), ("DELETE", "/v1/memory/{id}", 5),
+    ("POST", "/v1/conversations", 8), ("GET", "/v1/conversations", 3), ("GET", "/v1/conversations/{name}", 5),
+    ("DELETE", "/v1/conversations/{name}", 5), ("POST", "/v1/conversations/{name}/messages", 6),
 ]
 
 
@@ -69,10 +76,13 @@ def _bound(body, model: str) -> None:
 
 
 # Invalid input exists only where there is a body (any path parameter string is valid).
+NEGATIVE = {("POST", p) for p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                  "/v1/kernel/requests/{request_id}/priority", "/v1/processes",
+                                  "/v1/processes/{pid}/renice", "/v1/messages", "/v1/sys", "/v1/tools/{name}/call",
+                                  "/v1/memory", "/v1/memory/recall", "/v1/conversations",
+                                  "/v1/conversations/{name}/messages")} | {("PUT", "/v1/kv/{key}")}
 CASES = [(m, p, n, mode) for m, p, n in OPERATIONS for mode in ("positive", "negative")
-         if mode == "positive" or p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                                         "/v1/kernel/requests/{request_id}/priority", "/v1/processes",
-                                         "/v1/processes/{pid}/renice", "/v1/messages", "/v1/sys")]
+         if mode == "positive" or (m, p) in NEGATIVE]
 
 
 @pytest.mark.parametrize("method,path,examples,mode", CASES, ids=[f"{m} {p} {mode}" for m, p, _, mode in CASES])

@@ -91,8 +91,8 @@ class SemanticMemory:
     KEYWORD_WEIGHT = 0.6     # keyword ranks count less: questions share few words with their facts
     CANDIDATES = 50          # taken from each list before fusion
     COARSE = 400             # nearest by sign bits, re-scored exactly
-    DUPLICATE_SIMILARITY = 0.5   # cosine between two versions of one fact...
-    RELEVANCE_GAP = 0.1          # ...that also answer the query equally well (cosine difference)
+    VERSION_LINK = 1.3       # cosine(row, newer row) + cosine(query, newer row) that makes them versions
+    MAX_LIFTED = 3           # newer versions lifted above one row, bounding what a wrong link costs
 
     def __init__(self, path: Path, embed: Callable[[list[str]], np.ndarray], dim: int = 384, *,
                  max_items_per_tenant: int = 1_000_000, max_text_chars: int = 8192) -> None:
@@ -329,43 +329,55 @@ class SemanticMemory:
         return rows
 
     def _order_versions(self, rows: list[_Row], qvec: np.ndarray | None) -> list[_Row]:
-        """Groups the rows that are versions of one fact, and within each group hands the
-        group's places in the ranking to its members newest first. Versions: the same
-        (subject, attribute) in metadata, or (given a query vector) near-duplicate vectors
-        that answer the query equally well; rows that both name their fact, differently,
-        are never versions. Scores stay with the places, so they still fall down the list."""
-        if len(rows) < 2:
-            return rows
-        slots: dict[tuple[str, str], int] = {}
-        slot = np.array([slots.setdefault(r.slot, len(slots)) if r.slot else -1 for r in rows])
-        named = slot >= 0
-        same_slot = (slot[:, None] == slot[None, :]) & named[:, None]
-        link = same_slot
+        """Puts the newest version of each fact first among its versions. Rows whose metadata
+        name the same (subject, attribute) are versions for certain: they move together to
+        the best place any of them holds, newest first. Rows that name nothing are versions
+        when their vectors are near-duplicates that answer the query equally well (needs a
+        query vector); that rule can err, so it only lifts the newest of such a group to the
+        group's best place, which moves any other row down by at most one place per group.
+        Scores stay with the places, so they still fall down the list."""
+        heads: dict[int, list[int]] = {}      # place -> the rows emitted there, in order
+        moved: set[int] = set()               # places whose row is emitted at some head
+        slots: dict[tuple[str, str], list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.slot is not None:
+                slots.setdefault(r.slot, []).append(i)
+        for places in slots.values():
+            heads[places[0]] = sorted(places, key=lambda i: -rows[i].memory.created_at)
+            moved.update(places)
         if qvec is not None:
-            matrix = np.stack([r.vector for r in rows])
-            relevance = matrix @ qvec
-            near = (matrix @ matrix.T >= self.DUPLICATE_SIMILARITY) & \
-                (np.abs(relevance[:, None] - relevance[None, :]) <= self.RELEVANCE_GAP)
-            link = same_slot | (near & ~(named[:, None] & named[None, :]))
-        np.fill_diagonal(link, True)
-        # Star groups around the best-ranked free row, not chains: A~B and B~C need not make
-        # A and C versions of one fact, and chains would sweep whole topics together.
-        free = np.ones(len(rows), dtype=bool)
-        groups = []
+            self._lift_newest(rows, qvec, heads, moved)
+        ordered = []
         for i in range(len(rows)):
-            if free[i]:
-                members = np.flatnonzero(link[i] & free)
-                free[members] = False
-                groups.append(members.tolist())
-        ordered = list(rows)
-        for places in groups:
-            newest = sorted(places, key=lambda i: -rows[i].memory.created_at)
-            for place, i in zip(places, newest):
-                ordered[place] = rows[i]
-        scores = [r.memory.score for r in rows]
-        for row, score in zip(ordered, scores):
-            row.memory.score = score
+            if i in heads:
+                ordered += [rows[j] for j in heads[i]]
+            elif i not in moved:
+                ordered.append(rows[i])
+        for row, place in zip(ordered, [r.memory.score for r in rows]):
+            row.memory.score = place
         return ordered
+
+    def _lift_newest(self, rows: list[_Row], qvec: np.ndarray, heads: dict[int, list[int]],
+                     moved: set[int]) -> None:
+        """Star groups of unnamed rows around the best-ranked row not yet grouped (chains
+        would sweep whole topics together: A~B and B~C need not make A and C versions)."""
+        free = np.array([r.slot is None for r in rows])
+        if free.sum() < 2:
+            return
+        matrix = np.stack([r.vector for r in rows])
+        relevance = matrix @ qvec
+        link = matrix @ matrix.T + relevance[None, :] >= self.VERSION_LINK
+        np.fill_diagonal(link, True)
+        for i in range(len(rows)):
+            if not free[i]:
+                continue
+            members = np.flatnonzero(link[i] & free)
+            free[members] = False
+            newer = [int(j) for j in members if rows[j].memory.created_at > rows[i].memory.created_at]
+            if newer:
+                newer = sorted(newer, key=lambda j: -rows[j].memory.created_at)[:self.MAX_LIFTED]
+                heads[i] = newer + [i]
+                moved.update(heads[i])
 
     # ---- helpers
 

@@ -21,14 +21,14 @@ import time
 from concurrent.futures import CancelledError, Future, TimeoutError as FutureTimeout, wait
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from mcp import Client, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError as SDKError
-from mcp_types import CONNECTION_CLOSED, CallToolResult, Implementation
+from mcp.types import CONNECTION_CLOSED, CallToolResult, Implementation
 
 from llmos.errors import InvalidRequestError, LLMOSError
 
@@ -41,10 +41,15 @@ _GRACE = 2.0           # the loop's own answer to a call may lag its timeout by 
 _CLIENT_INFO = Implementation(name="llmos", version="0.1.0")
 
 
+def _seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 @dataclass
 class MCPServerConfig:
     """One MCP server: a command to spawn and talk to over stdio, or a streamable-HTTP URL.
-    `timeout` bounds connecting (handshake and tool listing) and is a call's default."""
+    A spawned server inherits only the SDK's safe variables (PATH, HOME, USER, ...) plus
+    `env`. `timeout` bounds connecting (handshake and tool listing) and is a call's default."""
 
     name: str
     command: list[str] | None = None
@@ -58,7 +63,7 @@ class MCPServerConfig:
                                       f"(it is part of every tool name, mcp.<server>.<tool>)")
         where = f"mcp server {self.name}"
         if (self.command is None) == (self.url is None):
-            raise InvalidRequestError(f"{where}: give exactly one of command (stdio) or url (streamable HTTP)")
+            raise InvalidRequestError(f"{where}: give exactly one of command (stdio) or url (HTTP)")
         if self.command is not None and not (isinstance(self.command, list) and self.command
                                              and all(isinstance(a, str) and a for a in self.command)):
             raise InvalidRequestError(f"{where}: command must be a non-empty list of non-empty strings")
@@ -70,8 +75,7 @@ class MCPServerConfig:
             if not (isinstance(self.env, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in self.env.items())):
                 raise InvalidRequestError(f"{where}: env must map strings to strings")
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
-                or not 0 < self.timeout < math.inf:
+        if not _seconds(self.timeout):
             raise InvalidRequestError(f"{where}: timeout must be a positive number of seconds")
 
 
@@ -106,30 +110,37 @@ def _transport(config: MCPServerConfig):
 
 
 @asynccontextmanager
-async def _watched(transport, on_end: Callable[[], None]):
-    """`transport` with its read side relayed through a pump that calls `on_end` when the
-    stream ends. The SDK fails the requests in flight when the link closes but tells no one
-    else; the hub must know at once, before any caller can pick the dead link again, and
-    so that an idle link is brought back too."""
-    async with transport as (read, write):
-        send, receive = anyio.create_memory_object_stream(0)
+async def _watched(transport, link: _Link, lost: anyio.Event):
+    """`transport`, opened outside the reach of `MCPHub.close` (see `_Link.stop`), with its
+    read side relayed through a pump that notices the stream end. The SDK fails requests
+    in flight when the link closes but tells no one else; the hub must know at once, to
+    take the link out of service before a caller picks it again and to bring it back even
+    when idle."""
+    link.opening = True
+    try:
+        async with transport as (read, write):
+            link.opened()
+            send, receive = anyio.create_memory_object_stream(0)
 
-        async def pump() -> None:
-            try:
-                async with send:
-                    async for item in read:
-                        await send.send(item)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-            finally:
-                on_end()
+            async def pump() -> None:
+                try:
+                    async with send:
+                        async for item in read:
+                            await send.send(item)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
+                finally:
+                    link.drop()
+                    lost.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            try:
-                yield receive, write
-            finally:
-                tg.cancel_scope.cancel()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                try:
+                    yield receive, write
+                finally:
+                    tg.cancel_scope.cancel()
+    finally:
+        link.opened()
 
 
 async def _list_tools(client: Client, server: str) -> tuple[MCPTool, ...]:
@@ -172,8 +183,27 @@ class _Link:
         self.client: Client | None = None   # loop thread only, like the two below
         self.up: anyio.Event | None = None  # set while connected; replaced when the link drops
         self.scope: anyio.CancelScope | None = None
+        self.opening = self.stopping = False
         self._delay = _BACKOFF_FIRST
         self._ever_up = False
+
+    def arm(self) -> None:
+        """Fresh loop-side state for a hub (re)start; runs on the loop."""
+        self.up, self.scope = anyio.Event(), anyio.CancelScope()
+        self.opening = self.stopping = False
+
+    def stop(self) -> None:
+        """Cancel the link's task, but never while the transport is being opened: asyncio,
+        cancelled while spawning a child, kills it and leaves it unreaped (the SDK cannot
+        see a process it never got). The stop then lands as soon as the open is done."""
+        self.stopping = True
+        if not self.opening:
+            self.scope.cancel()
+
+    def opened(self) -> None:
+        self.opening = False
+        if self.stopping:
+            self.scope.cancel()
 
     def attach(self, client: Client, tools: tuple[MCPTool, ...]) -> None:
         self.client = client
@@ -275,7 +305,7 @@ class MCPHub:
         if not isinstance(args, dict):
             raise InvalidRequestError(f"args: the arguments of {name} must be an object")
         timeout = link.config.timeout if timeout is None else timeout
-        if not 0 < timeout < math.inf:
+        if not _seconds(timeout):
             raise InvalidRequestError(f"timeout: must be a positive number of seconds, got {timeout}")
         portal = self._portal
         if portal is None:
@@ -293,7 +323,8 @@ class MCPHub:
             raise MCPError(f"{name}: the MCP hub closed during the call") from None
 
     def status(self) -> list[dict]:
-        """Per server: name, transport, connected, tools (count), last_error, restarts."""
+        """Per server: name, transport, connected, tools (count), last_error (the latest, kept
+        after a recovery) and restarts (reconnections after the link was lost)."""
         return [link.status() for link in self._links.values()]
 
     def close(self) -> None:
@@ -303,7 +334,7 @@ class MCPHub:
             self._portal, self._stack, self._tasks = None, None, []
         if portal is None:
             return
-        portal.call(self._cancel_all)
+        portal.call(self._stop_all)
         wait(tasks)
         stack.close()
         for link in self._links.values():
@@ -321,11 +352,11 @@ class MCPHub:
     # -- the event-loop side --------------------------------------------------------------
     async def _arm(self) -> None:
         for link in self._links.values():
-            link.up, link.scope = anyio.Event(), anyio.CancelScope()
+            link.arm()
 
-    async def _cancel_all(self) -> None:
+    async def _stop_all(self) -> None:
         for link in self._links.values():
-            link.scope.cancel()
+            link.stop()
 
     async def _serve(self, link: _Link) -> None:
         """Keep one server connected until the hub closes."""
@@ -343,13 +374,9 @@ class MCPHub:
         share the server's timeout, so a server that hangs in either cannot stall the link."""
         config = link.config
         lost = anyio.Event()
-
-        def ended() -> None:
-            link.drop()
-            lost.set()
-
         with anyio.CancelScope(deadline=anyio.current_time() + config.timeout) as connecting:
-            async with Client(_watched(_transport(config), ended), client_info=_CLIENT_INFO, cache=None) as client:
+            transport = _watched(_transport(config), link, lost)
+            async with Client(transport, client_info=_CLIENT_INFO, cache=None) as client:
                 tools = await _list_tools(client, config.name)
                 connecting.deadline = math.inf
                 link.attach(client, tools)
@@ -383,7 +410,7 @@ class MCPHub:
             raise MCPError(f"{name}: no answer within {timeout:g}s") from None
         except SDKError as exc:
             if exc.code == CONNECTION_CLOSED:
-                raise MCPError(f"{name}: the connection to MCP server {server} died during the call") from None
+                raise MCPError(f"{name}: the link to MCP server {server} died during the call") from None
             raise MCPError(f"{name}: MCP server {server} refused the call: {exc}") from None
         except Exception as exc:
             raise MCPError(f"{name}: {_describe(exc)}") from None

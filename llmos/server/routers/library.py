@@ -68,7 +68,7 @@ async def list_tools(principal: Principal = Depends(authenticate), state: Server
     return {"object": "list", "data": [{**t.spec(), "function_name": t.function_name} for t in tools]}
 
 
-@router.post("/v1/tools/{name}/call", responses=errors(400, 401, 403, 404, 429, 502, 504))
+@router.post("/v1/tools/{name}/call", responses=errors(400, 401, 403, 404, 424, 429))
 async def call_tool(name: str, body: ToolCallRequest, principal: Principal = Depends(authenticate),
                     state: ServerState = Depends(get_state)) -> dict:
     """Run one tool for this key's tenant; a tool that needs approval is refused here
@@ -251,6 +251,7 @@ async def converse(name: str, body: ConversationMessage, principal: Principal = 
     """One turn: the user's message in, the assistant's reply out, with what was recalled."""
     sampling = {k: v for k, v in (("max_tokens", body.max_tokens), ("temperature", body.temperature),
                                   ("seed", body.seed)) if v is not None}
+    sampling.setdefault("max_tokens", min(state.settings.server.default_max_tokens, 128))
 
     def generate(messages, params):
         out = state.llm.submit(messages, SamplingParams(**params), tenant=principal.tenant,
