@@ -295,3 +295,46 @@ def test_conversation_longer_than_its_budget_pages_out_and_recalls(lib):
     info = http.get("/v1/conversations/long").json()
     assert info["turns"] == 24 and info["paged_out"] > 0 and info["summary"]
     assert lib.http(lib.create_key("tenant-z")).get("/v1/conversations/long").status_code == 400
+
+
+def test_waiting_approval_survives_a_kernel_sigkill(tmp_path, default_model_path):
+    """kill -9 of `llmos serve` while a durable agent waits for approval: the next kernel
+    restarts the agent, which finds the same pending request; approving it then runs the
+    tool exactly once."""
+    import os
+    import signal
+    ledger = tmp_path / "ledger.txt"
+    ledger.touch()
+    os.environ["LLMOS_TEST_LEDGER"] = str(ledger)
+    extra = {"tools": {"modules": [str(HERE / "tool_fixtures.py")]}}
+    p = program(tmp_path, "payer.py", """
+        r = agent.call_tool("transfer", amount=9, to="carol")
+        agent.fs.write("approval/result.json", json.dumps(r))
+    """)
+    s1 = AgentServer(tmp_path, extra=extra)
+    try:
+        pid = s1.spawn(p, caps=["tool:transfer", "fs:write:approval/*"], restart="on-failure", durable=True)["pid"]
+        deadline = time.monotonic() + 60
+        pending = []
+        while not pending and time.monotonic() < deadline:
+            pending = s1.http().get("/v1/approvals", params={"state": "pending"}).json()["data"]
+            time.sleep(0.2)
+        assert pending, s1.log_of(pid)
+    finally:
+        s1.stop(signal.SIGKILL)
+    s2 = AgentServer(tmp_path, extra=extra)
+    try:
+        again = s2.http().get("/v1/approvals", params={"state": "pending"}).json()["data"]
+        assert [a["id"] for a in again] == [pending[0]["id"]]
+        deadline = time.monotonic() + 60
+        while s2.http().get(f"/v1/processes/{pid}").json()["state"] != "waiting-approval":
+            assert time.monotonic() < deadline, s2.http().get(f"/v1/processes/{pid}").json()
+            time.sleep(0.2)
+        s2.cli("approve", pending[0]["id"])
+        done = s2.wait(pid)
+        assert done["exit_code"] == 0, s2.log_of(pid)
+        assert json.loads(s2.file("default", "approval/result.json").read_text()) == {"sent": 9, "to": "carol"}
+        assert ledger.read_text() == "9 carol\n"
+        assert len(s2.http().get("/v1/approvals").json()["data"]) == 1
+    finally:
+        assert s2.stop() == 0, s2.log.read_text()

@@ -47,6 +47,7 @@ import sqlite_vec
 from llmos.errors import InvalidRequestError, LLMOSError
 from llmos.validate import integer, number
 
+FUSION = "score"
 MODES = ("hybrid", "vector", "keyword")
 MAX_NAME = 256                 # tenant and scope strings
 MAX_SCOPES = 64
@@ -86,12 +87,12 @@ class _Row:
 
 
 class SemanticMemory:
-    RRF_K = 60               # the reciprocal-rank constant: larger flattens the head of each list
+    RRF_K = 30               # the reciprocal-rank constant: larger flattens the head of each list
     VECTOR_WEIGHT = 1.0
-    KEYWORD_WEIGHT = 0.6     # keyword ranks count less: questions share few words with their facts
+    KEYWORD_WEIGHT = 0.3     # keyword ranks count less: questions share few words with their facts
     CANDIDATES = 50          # taken from each list before fusion
     COARSE = 400             # nearest by sign bits, re-scored exactly
-    VERSION_LINK = 1.3       # cosine(row, newer row) + cosine(query, newer row) that makes them versions
+    VERSION_LINK = 1.2       # cosine(row, newer row) + cosine(query, newer row) that makes them versions
     MAX_LIFTED = 3           # newer versions lifted above one row, bounding what a wrong link costs
 
     def __init__(self, path: Path, embed: Callable[[list[str]], np.ndarray], dim: int = 384, *,
@@ -245,21 +246,35 @@ class SemanticMemory:
         qvec = self._vectors([query])[0] if mode != "keyword" else None
         with self._lock:
             self._connection()
-            ranked: dict[int, float] = {}
-            if qvec is not None:
-                hits = self._nearest(tenant, scopes, qvec, where, params)
-                if mode == "vector":
-                    ranked = dict(hits)
-                else:
-                    _add_ranks(ranked, hits, self.VECTOR_WEIGHT, self.RRF_K)
-            if mode != "vector":
-                hits = self._keyword(tenant, scopes, query, where, params)
-                if mode == "keyword":
-                    ranked = dict(hits)
-                else:
-                    _add_ranks(ranked, hits, self.KEYWORD_WEIGHT, self.RRF_K)
-            rows = self._rows(tenant, scopes, ranked, where, params)
+            near = dict(self._nearest(tenant, scopes, qvec, where, params)) if qvec is not None else {}
+            words = dict(self._keyword(tenant, scopes, query, where, params)) if mode != "vector" else {}
+            rows = self._rows(tenant, scopes, near | words, where, params)
+        self._score(rows, mode, qvec, near, words)
         return [r.memory for r in self._order_versions(rows, qvec)[:k]]
+
+    def _score(self, rows: list[_Row], mode: str, qvec: np.ndarray | None, near: dict[int, float],
+               words: dict[int, float]) -> None:
+        """Scores the rows and sorts them best first. A version found only through its
+        slot (no list had it) ranks with its best-ranked sibling."""
+        if mode == "keyword":
+            scores = [words.get(r.seq, -math.inf) for r in rows]
+        elif FUSION == "rrf":
+            ranked: dict[int, float] = {}
+            _add_ranks(ranked, sorted(near.items(), key=lambda x: -x[1]), self.VECTOR_WEIGHT, self.RRF_K)
+            _add_ranks(ranked, sorted(words.items(), key=lambda x: -x[1]), self.KEYWORD_WEIGHT, self.RRF_K)
+            scores = [ranked.get(r.seq, -math.inf) for r in rows]
+        else:
+            top = max(words.values(), default=0.0) or 1.0
+            scores = [float(r.vector @ qvec) + self.KEYWORD_WEIGHT * words.get(r.seq, 0.0) / top for r in rows]
+        best: dict[tuple[str, str], float] = {}
+        for r, score in zip(rows, scores):
+            r.memory.score = score
+            if r.slot is not None:
+                best[r.slot] = max(best.get(r.slot, -math.inf), score)
+        for r in rows:
+            if r.memory.score == -math.inf and r.slot is not None:
+                r.memory.score = best[r.slot]
+        rows.sort(key=lambda r: -r.memory.score)
 
     def _nearest(self, tenant: str, scopes: list[str], qvec: np.ndarray, where: str, params: list
                  ) -> list[tuple[int, float]]:
@@ -297,7 +312,7 @@ class SemanticMemory:
 
     def _rows(self, tenant: str, scopes: list[str], ranked: dict[int, float], where: str, params: list
               ) -> list[_Row]:
-        """The ranked rows, best first, plus every visible version of each fact among them
+        """The rows of these seqs, plus every visible version of each fact among them
         that names its subject and attribute: a newer version must be found even where its
         wording matched the query worse than an older one's."""
         cols = "seq, id, text, metadata, created_at, scope, vector, subject, attribute"
@@ -312,20 +327,11 @@ class SemanticMemory:
                 (tenant, subject, attribute, *scopes, *params, *ranked)).fetchall()
         rows, seen = [], set()
         for seq, mid, text, meta, when, scope, vec, subject, attribute in got:
-            if seq in seen:
-                continue
-            seen.add(seq)
-            slot = (subject, attribute) if subject is not None else None
-            rows.append(_Row(seq, Memory(mid, text, ranked.get(seq, -math.inf), json.loads(meta), when, scope),
-                             np.frombuffer(vec, dtype=np.float32), slot))
-        best = {}
-        for r in rows:
-            if r.slot is not None:
-                best[r.slot] = max(best.get(r.slot, -math.inf), r.memory.score)
-        for r in rows:   # a version found only through its slot ranks with its best-ranked sibling
-            if r.slot is not None and r.seq not in ranked:
-                r.memory.score = best[r.slot]
-        rows.sort(key=lambda r: -r.memory.score)
+            if seq not in seen:
+                seen.add(seq)
+                rows.append(_Row(seq, Memory(mid, text, -math.inf, json.loads(meta), when, scope),
+                                 np.frombuffer(vec, dtype=np.float32),
+                                 (subject, attribute) if subject is not None else None))
         return rows
 
     def _order_versions(self, rows: list[_Row], qvec: np.ndarray | None) -> list[_Row]:

@@ -244,7 +244,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS live_name ON processes(tenant, name)
 CREATE UNIQUE INDEX IF NOT EXISTS by_token ON processes(token_hash) WHERE token_hash IS NOT NULL;
 CREATE INDEX IF NOT EXISTS by_parent ON processes(ppid);
 """
-_LIVE_SQL = "state IN ('starting', 'running', 'blocked', 'suspended')"
+_LIVE_SQL = "state IN (" + ", ".join(f"'{s.value}'" for s in sorted(_LIVE)) + ")"
 _COLUMNS = [f.name for f in fields(Process)]
 _JSON = {"argv", "caps", "limits"}
 _USAGE = ("prompt_tokens", "output_tokens", "syscalls", "messages", "cpu_seconds", "peak_rss")
