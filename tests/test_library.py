@@ -83,6 +83,10 @@ def test_hung_and_crashing_tools_cost_their_caller_an_error_not_a_worker(lib):
     r = call(lib, "crash", message="boom")
     assert r.status_code == 424 and "tool crashed: boom" in r.json()["error"]["message"]
     assert call(lib, "calculator", expression="1+1").json()["result"] == 2
+    metrics = lib.http().get("/metrics").text
+    timeouts = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith('llmos_tool_calls_total{outcome="timeout"}'))
+    assert timeouts >= 3 and "llmos_tool_workers_stuck" in metrics and "llmos_approvals_pending" in metrics
 
 
 def test_python_tool_runs_sandboxed_and_cannot_read_the_key_database(lib):

@@ -112,6 +112,22 @@ class KernelCollector:
                                   value=agents.intrusion.processes_flagged)
         yield CounterMetricFamily("llmos_addresses_blocked", "Client addresses refused after too many bad API keys",
                                   value=guard.addresses_blocked)
+        if agents.library is not None:
+            yield from self._library(agents.library)
+
+    def _library(self, library) -> Iterator[Metric]:
+        pool = library.pool.stats()
+        c = CounterMetricFamily("llmos_tool_calls", "Tool calls run in the worker pool, by outcome "
+                                "(ok, error, timeout, refused)", labels=["outcome"])
+        for outcome in ("ok", "error", "timeout", "refused"):
+            c.add_metric([outcome], pool["calls"].get(outcome, 0))
+        yield c
+        yield CounterMetricFamily("llmos_tool_seconds", "Seconds callers spent in tool calls", value=pool["seconds"])
+        yield GaugeMetricFamily("llmos_tool_workers_stuck", "Workers written off inside a hung tool",
+                                value=pool["stuck"])
+        yield GaugeMetricFamily("llmos_tool_calls_running", "Tool calls running now", value=pool["running"])
+        yield GaugeMetricFamily("llmos_approvals_pending", "Tool calls waiting for a person's decision",
+                                value=len(library.approvals.list(state="pending")))
 
 
 def _bound(b: float) -> str:
