@@ -28,7 +28,8 @@ from llmos.errors import InvalidRequestError
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 MAX_MESSAGE = 32_000          # characters of one message
-RECALL_K = 3
+RECALL_K = 5
+OVERHEAD = 8                  # tokens a chat template may wrap around one message (role markers)
 
 
 @dataclass
@@ -174,12 +175,13 @@ class ConversationStore:
         new_tokens = self.count_tokens(content)
         recall_room = int(conv.budget * self.recall_share)
         reply_room = max(16, conv.budget // 8)
-        fixed = self.count_tokens(conv.system) + int(conv.budget * self.summary_share) + new_tokens + reply_room
+        fixed = (self.count_tokens(conv.system) + int(conv.budget * self.summary_share) + new_tokens + reply_room
+                 + 3 * OVERHEAD)       # the system message, the new message, the reply's opening
         room = conv.budget - fixed - recall_room
         if room < 0:
             raise InvalidRequestError(f"content: {new_tokens} tokens leave no room in the {conv.budget}-token budget")
         paged = 0
-        if sum(t.tokens for t in conv.working) > room:
+        if sum(t.tokens + OVERHEAD for t in conv.working) > room:
             paged = self._page_out(conv, room // 2)
         recalled = self._recall(conv, content, recall_room)
         messages = [{"role": "system", "content": self._system_text(conv)}]
@@ -187,7 +189,7 @@ class ConversationStore:
         final = content if not recalled else (
             "Relevant earlier conversation:\n" + "\n".join(f"- {r}" for r in recalled) + f"\n\n{content}")
         messages.append({"role": "user", "content": final})
-        tokens = sum(self.count_tokens(m["content"]) for m in messages)
+        tokens = sum(self.count_tokens(m["content"]) + OVERHEAD for m in messages)
         return Context(messages, tokens, recalled, paged)
 
     def _system_text(self, conv: Conversation) -> str:
@@ -200,11 +202,11 @@ class ConversationStore:
         whole exchanges at a time; returns how many turns left."""
         working = conv.working
         out: list[Turn] = []
-        left = sum(t.tokens for t in working)
+        left = sum(t.tokens + OVERHEAD for t in working)
         while working and (left > keep or working[0].role != "user"):
             t = working.pop(0)
             out.append(t)
-            left -= t.tokens
+            left -= t.tokens + OVERHEAD
         exchanges = _exchanges(out)
         if exchanges:
             self.memory.remember_many(conv.tenant, _scope(conv), exchanges,
@@ -232,16 +234,21 @@ class ConversationStore:
         return text
 
     def _recall(self, conv: Conversation, content: str, room: int) -> list[str]:
+        """The paged-out exchanges most relevant to `content` that fit in `room` tokens.
+        An exchange said twice (a question asked again, answered the same) is recalled
+        once: repeats would crowd out what they are about."""
         if not any(t.paged for t in conv.turns):
             return []
-        found = self.memory.recall(conv.tenant, [_scope(conv)], content, RECALL_K, {"conversation": conv.name})
+        found = self.memory.recall(conv.tenant, [_scope(conv)], content, 2 * RECALL_K, {"conversation": conv.name})
         out, used = [], 0
         for m in found:
-            n = self.count_tokens(m.text) + 2
-            if used + n > room:
+            n = self.count_tokens(m.text) + 2     # "- " and the line break
+            if m.text in out or used + n > room:
                 continue
             out.append(m.text)
             used += n
+            if len(out) == RECALL_K:
+                break
         return out
 
 

@@ -11,16 +11,25 @@ Why each piece:
   pysqlite3-binary covers Linux x86-64 only, and apsw is not DB-API.
 - Vectors are searched in two stages. sqlite-vec scans brute force, and on this CPU a
   float scan of 100k 384-d vectors takes about 50 ms; a scan of their sign bits (Hamming
-  distance) about 12. So `vec0` indexes the bits, partitioned by tenant, and the few
-  hundred nearest by bits are re-scored exactly against the float vectors kept in the row.
-  A partition smaller than that candidate count is searched exactly.
+  distance) about 12, though its top-k keeping grows with k (k=400 took 170 ms, k=50 30
+  under load). So `vec0` indexes the bits, partitioned by tenant, and the COARSE nearest
+  by bits are re-scored exactly against the float vectors kept in the row. A partition
+  no larger than COARSE is searched exactly; beyond, exactness is measured (exact@10 in
+  benchmarks/memory.py).
 - Embeddings catch paraphrase ("resides" for "lives"), keywords catch the names and rare
-  words that embeddings blur; reciprocal rank fusion merges the two lists by rank, which
-  needs no calibration between cosine similarities and BM25 scores.
+  words that embeddings blur. Hybrid recall takes the union of both candidate lists and
+  scores every candidate by its exact cosine plus a small share of its BM25 (scaled so
+  the best keyword match counts 1). Reciprocal rank fusion was measured first and lost
+  (recall@5 0.942 against 0.950 on benchmarks/memory.py): a name matches all of a
+  person's facts about equally, and ranks turn those near-ties into arbitrary gaps.
 - Facts change. Two versions of one fact ("Alice lives in Paris", later "Alice lives in
   Berlin") are ordered newest first: explicitly when their metadata name the same
-  `subject` and `attribute` (all versions are then pulled in, found or not), implicitly
-  when two candidates are near-duplicates of each other and equally relevant to the query.
+  `subject` and `attribute` (all versions are then pulled in, found or not, and sorted by
+  time); implicitly, for plain texts, when a newer candidate is both close to an older one
+  and close to the query (the sum of the two cosines past VERSION_LINK): it is lifted just
+  above the older one. Embeddings cannot tell "Alice lives in Berlin" (a new value) from
+  "Alice works in Berlin" (another attribute) for certain, so the implicit rule is tuned
+  to cost little retrieval; benchmarks/memory.py measures both rules.
 
 A recall sees only rows of its tenant and of the scopes it names: every query carries both
 in its WHERE clause, and the vector index is partitioned by tenant. One connection, guarded
@@ -47,7 +56,6 @@ import sqlite_vec
 from llmos.errors import InvalidRequestError, LLMOSError
 from llmos.validate import integer, number
 
-FUSION = "score"
 MODES = ("hybrid", "vector", "keyword")
 MAX_NAME = 256                 # tenant and scope strings
 MAX_SCOPES = 64
@@ -67,9 +75,10 @@ class MemoryFull(LLMOSError):
 
 @dataclass
 class Memory:
-    """One recalled item. `score` is the ranking score of its place in the answer: fused
-    reciprocal rank in hybrid mode, cosine similarity in vector mode, negated BM25 in
-    keyword mode; versions of one fact trade places, so it never rises down the list."""
+    """One recalled item. `score` is the ranking score of its place in the answer: cosine
+    plus scaled BM25 in hybrid mode, cosine in vector mode, negated BM25 in keyword mode.
+    Versions of one fact trade places and the scores stay with the places, so the score
+    never rises down the list."""
     id: str
     text: str
     score: float
@@ -87,11 +96,9 @@ class _Row:
 
 
 class SemanticMemory:
-    RRF_K = 30               # the reciprocal-rank constant: larger flattens the head of each list
-    VECTOR_WEIGHT = 1.0
-    KEYWORD_WEIGHT = 0.3     # keyword ranks count less: questions share few words with their facts
+    KEYWORD_WEIGHT = 0.1     # BM25 (scaled to the best match = 1) added to the cosine in hybrid mode
     CANDIDATES = 50          # taken from each list before fusion
-    COARSE = 400             # nearest by sign bits, re-scored exactly
+    COARSE = 64              # nearest by sign bits, re-scored exactly (sqlite-vec costs ~0.3 ms per k at 100k)
     VERSION_LINK = 1.2       # cosine(row, newer row) + cosine(query, newer row) that makes them versions
     MAX_LIFTED = 3           # newer versions lifted above one row, bounding what a wrong link costs
 
@@ -131,6 +138,7 @@ class SemanticMemory:
         stored = db.execute("SELECT vector FROM memories LIMIT 1").fetchone()
         db.execute("COMMIT")
         if stored and len(stored[0]) != 4 * self.dim:
+            db.close()
             raise InvalidRequestError(f"dim: the file holds {len(stored[0]) // 4}-d vectors, not {self.dim}-d")
 
     # ---- writing
@@ -250,7 +258,7 @@ class SemanticMemory:
             words = dict(self._keyword(tenant, scopes, query, where, params)) if mode != "vector" else {}
             rows = self._rows(tenant, scopes, near | words, where, params)
         self._score(rows, mode, qvec, near, words)
-        return [r.memory for r in self._order_versions(rows, qvec)[:k]]
+        return [r.memory for r in self._order_versions(rows, qvec, k)[:k]]
 
     def _score(self, rows: list[_Row], mode: str, qvec: np.ndarray | None, near: dict[int, float],
                words: dict[int, float]) -> None:
@@ -258,14 +266,11 @@ class SemanticMemory:
         slot (no list had it) ranks with its best-ranked sibling."""
         if mode == "keyword":
             scores = [words.get(r.seq, -math.inf) for r in rows]
-        elif FUSION == "rrf":
-            ranked: dict[int, float] = {}
-            _add_ranks(ranked, sorted(near.items(), key=lambda x: -x[1]), self.VECTOR_WEIGHT, self.RRF_K)
-            _add_ranks(ranked, sorted(words.items(), key=lambda x: -x[1]), self.KEYWORD_WEIGHT, self.RRF_K)
-            scores = [ranked.get(r.seq, -math.inf) for r in rows]
+        elif mode == "vector":
+            scores = [near.get(r.seq, -math.inf) for r in rows]
         else:
             top = max(words.values(), default=0.0) or 1.0
-            scores = [float(r.vector @ qvec) + self.KEYWORD_WEIGHT * words.get(r.seq, 0.0) / top for r in rows]
+            scores = [float(_dot(r.vector, qvec)) + self.KEYWORD_WEIGHT * words.get(r.seq, 0.0) / top for r in rows]
         best: dict[tuple[str, str], float] = {}
         for r, score in zip(rows, scores):
             r.memory.score = score
@@ -294,7 +299,7 @@ class SemanticMemory:
         if not got:
             return []
         matrix = np.frombuffer(b"".join(v for _, v in got), dtype=np.float32).reshape(len(got), self.dim)
-        sims = matrix @ qvec
+        sims = _dot(matrix, qvec)
         best = np.argsort(-sims, kind="stable")[:self.CANDIDATES]
         return [(got[i][0], float(sims[i])) for i in best]
 
@@ -334,7 +339,7 @@ class SemanticMemory:
                                  (subject, attribute) if subject is not None else None))
         return rows
 
-    def _order_versions(self, rows: list[_Row], qvec: np.ndarray | None) -> list[_Row]:
+    def _order_versions(self, rows: list[_Row], qvec: np.ndarray | None, k: int) -> list[_Row]:
         """Puts the newest version of each fact first among its versions. Rows whose metadata
         name the same (subject, attribute) are versions for certain: they move together to
         the best place any of them holds, newest first. Rows that name nothing are versions
@@ -352,7 +357,7 @@ class SemanticMemory:
             heads[places[0]] = sorted(places, key=lambda i: -rows[i].memory.created_at)
             moved.update(places)
         if qvec is not None:
-            self._lift_newest(rows, qvec, heads, moved)
+            self._lift_newest(rows, qvec, heads, moved, k)
         ordered = []
         for i in range(len(rows)):
             if i in heads:
@@ -364,17 +369,18 @@ class SemanticMemory:
         return ordered
 
     def _lift_newest(self, rows: list[_Row], qvec: np.ndarray, heads: dict[int, list[int]],
-                     moved: set[int]) -> None:
+                     moved: set[int], k: int) -> None:
         """Star groups of unnamed rows around the best-ranked row not yet grouped (chains
-        would sweep whole topics together: A~B and B~C need not make A and C versions)."""
+        would sweep whole topics together: A~B and B~C need not make A and C versions).
+        Only the first k places can anchor a group: lifting below them changes no answer."""
         free = np.array([r.slot is None for r in rows])
         if free.sum() < 2:
             return
         matrix = np.stack([r.vector for r in rows])
-        relevance = matrix @ qvec
-        link = matrix @ matrix.T + relevance[None, :] >= self.VERSION_LINK
+        relevance = _dot(matrix, qvec)
+        link = np.einsum("id,jd->ij", matrix, matrix) + relevance[None, :] >= self.VERSION_LINK
         np.fill_diagonal(link, True)
-        for i in range(len(rows)):
+        for i in range(min(k, len(rows))):
             if not free[i]:
                 continue
             members = np.flatnonzero(link[i] & free)
@@ -394,7 +400,7 @@ class SemanticMemory:
         if vecs.shape != (len(texts), self.dim) or not np.isfinite(vecs).all():
             raise LLMOSError(f"embedding function returned {vecs.shape}, expected ({len(texts)}, {self.dim}) "
                              f"finite values")
-        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        norms = np.sqrt(np.einsum("id,id->i", vecs, vecs))[:, None]
         return np.ascontiguousarray(vecs / np.maximum(norms, 1e-12))
 
     def _check_text(self, name: str, text) -> None:
@@ -417,9 +423,11 @@ class SemanticMemory:
         return self._counts[tenant]
 
 
-def _add_ranks(ranked: dict[int, float], hits: list[tuple[int, float]], weight: float, rrf_k: int) -> None:
-    for rank, (seq, _) in enumerate(hits):
-        ranked[seq] = ranked.get(seq, 0.0) + weight / (rrf_k + rank + 1)
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b without BLAS. These products are small, and a BLAS call leaves its threads
+    spinning on the cores afterwards, which made the next query embedding (torch, on the
+    same 2 cores) 2-3x slower: recall measured 38 ms with `@`, 17 ms without."""
+    return np.einsum("...d,d->...", a, b)
 
 
 def _marks(items) -> str:
