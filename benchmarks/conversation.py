@@ -164,7 +164,7 @@ def kv_warm(turns: int = 10, budget: int = 1024) -> dict:
 
                 for t in range(turns):
                     convs.send("bench", "warm", rng.choice(FILLER).format(d=rng.choice(DAYS)), generate=generate)
-                    _other_traffic(llm, rng, pool_tokens if traffic == "heavy" else 0)
+                    _other_traffic(llm, rng, 3 * pool_tokens if traffic == "heavy" else 0)
                 memory.close()
             out[traffic] = {"cached_share_mean": statistics.mean(shares[1:]), "prompt_tokens_mean":
                             statistics.mean(prompts[1:])}

@@ -64,6 +64,9 @@ class EngineConfig:
     preemption_mode: str = "auto"            # auto | swap | recompute
     swap_space: int | str = "1GiB"           # host memory for swapped-out KV; a disk directory beyond it
     swap_dir: str | None = None
+    # host memory that keeps cached prefix blocks the pool had to reuse (an idle conversation's
+    # or agent's history), so they are copied back rather than prefilled again; 0 turns it off
+    prefix_swap_space: int | str = "256MiB"
     aging_rate: float = 0.1                  # priority levels gained per second of waiting
     rr_quantum: int = 32                     # tokens a sequence runs before yielding (rr)
     max_waiting: int | None = 1024           # default bound on each tenant's waiting queue
@@ -71,6 +74,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
         self.swap_space = parse_size(self.swap_space, "swap_space")
+        self.prefix_swap_space = (0 if self.prefix_swap_space in (0, "0")
+                                  else parse_size(self.prefix_swap_space, "prefix_swap_space"))
         if self.scheduling_policy not in ("fcfs", "priority", "rr", "fair"):
             raise InvalidRequestError(
                 f"scheduling_policy: must be fcfs, priority, rr or fair, got {self.scheduling_policy!r}")

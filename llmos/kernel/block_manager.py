@@ -4,12 +4,15 @@ A block is `block_size` token slots in every layer's cache. Full blocks are name
 hash of their tokens chained with the hash of the block before, so two requests with the
 same prefix share the same physical blocks. A block whose last user has gone keeps its
 contents and its hash until the memory is needed: freed blocks queue in LRU order and
-are reused oldest-first, which is when their cache entry is dropped.
+are reused oldest-first, which is when their cache entry is dropped -- or, with a second
+tier (`spill`/`restore`, wired by the context switcher to a PrefixStore in host memory),
+moved there, to be copied back by a later request instead of recomputed.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from llmos.kernel.request import Sequence
 
@@ -38,7 +41,16 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.prefix_queries = 0   # prompt blocks looked up
-        self.prefix_hits = 0      # of those, found in the cache
+        self.prefix_hits = 0      # of those, found in the cache (in the pool or the second tier)
+        self.prefix_restored = 0  # of the hits, copied back from the second tier
+        # The second tier: spill(block_id, hash, tokens) keeps an evicted cached block;
+        # spilled(hash, tokens) says whether it has one; unspill(hashes) takes them out
+        # (before any allocation could push them out) and restore(block_ids, taken) copies
+        # them into the pool.
+        self.spill: Callable[[int, int, tuple], None] | None = None
+        self.spilled: Callable[[int, tuple], bool] = lambda h, tokens: False
+        self.unspill: Callable[[list[int]], object] | None = None
+        self.restore: Callable[[list[int], object], None] | None = None
 
     # -- accounting ------------------------------------------------------------------
     @property
@@ -64,6 +76,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
+            if self.spill is not None:
+                self.spill(block_id, block.hash, block.tokens)
         block.hash = None
         block.tokens = None
         block.ref_count = 1
@@ -75,31 +89,37 @@ class BlockManager:
             del self.free[block_id]
         block.ref_count += 1
 
-    def match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks that hold the start of seq's tokens (the last token is always left
-        to compute, since its logits are needed)."""
+    def match_prefix(self, seq: Sequence) -> tuple[list[int], list[tuple[int, tuple]]]:
+        """Cached blocks in the pool that hold the start of seq's tokens, then the (hash,
+        tokens) of the blocks after them that the second tier holds. The last token is
+        always left to compute, since its logits are needed."""
         if not self.enable_prefix_caching:
-            return []
+            return [], []
         hits: list[int] = []
+        spilled: list[tuple[int, tuple]] = []
         prev: int | None = None
         tokens = seq.token_ids
         for i in range((len(tokens) - 1) // self.block_size):
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
             h = block_hash(prev, chunk)
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].tokens != chunk:
+            if not spilled and block_id is not None and self.blocks[block_id].tokens == chunk:
+                hits.append(block_id)
+            elif self.restore is not None and self.spilled(h, chunk):
+                spilled.append((h, chunk))
+            else:
                 break
-            hits.append(block_id)
             prev = h
-        return hits
+        return hits, spilled
 
     def allocate_prompt(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
-        """First allocation of a waiting sequence: reuse cached prefix blocks, then allocate
-        fresh blocks for `num_new_tokens` beyond them. `reserve` blocks must stay free
-        afterwards (the watermark). Returns False, changing nothing, if it does not fit."""
+        """First allocation of a waiting sequence: reuse cached prefix blocks (copying back
+        those the second tier holds), then allocate fresh blocks for `num_new_tokens`
+        beyond them. `reserve` blocks must stay free afterwards (the watermark). Returns
+        False, changing nothing, if it does not fit."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        hits = self.match_prefix(seq)
-        cached = len(hits) * self.block_size
+        hits, spilled = self.match_prefix(seq)
+        cached = (len(hits) + len(spilled)) * self.block_size
         num_new_tokens = min(num_new_tokens, len(seq) - cached)
         need = -(-(cached + num_new_tokens) // self.block_size) - len(hits)
         reusable_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
@@ -107,12 +127,22 @@ class BlockManager:
             return False
         for b in hits:
             self._ref(b)
-        seq.block_table = hits + [self._take_free() for _ in range(need)]
+        if spilled:
+            taken = self.unspill([h for h, _ in spilled])
+        restored = [self._take_free() for _ in spilled]
+        if spilled:
+            self.restore(restored, taken)
+        for block_id, (h, chunk) in zip(restored, spilled):
+            block = self.blocks[block_id]
+            block.hash, block.tokens = h, chunk
+            self.hash_to_block.setdefault(h, block_id)
+        seq.block_table = hits + restored + [self._take_free() for _ in range(need - len(restored))]
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
         if self.enable_prefix_caching:
             self.prefix_queries += max(0, (len(seq) - 1) // self.block_size)
-            self.prefix_hits += len(hits)
+            self.prefix_hits += len(hits) + len(spilled)
+            self.prefix_restored += len(spilled)
         return True
 
     def can_append(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:

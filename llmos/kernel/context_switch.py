@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from llmos.kernel.block_manager import BlockManager
+from llmos.kernel.prefix_store import PrefixStore
 from llmos.kernel.request import Sequence, SequenceStatus
 from llmos.kernel.swap import SwapSpace
 
@@ -28,7 +29,8 @@ WriteBlocks = Callable[[list[int], torch.Tensor], None]
 
 class ContextSwitcher:
     def __init__(self, block_manager: BlockManager, swap: SwapSpace, *, read_blocks: ReadBlocks,
-                 write_blocks: WriteBlocks, bytes_per_block: int, mode: str = "auto") -> None:
+                 write_blocks: WriteBlocks, bytes_per_block: int, mode: str = "auto",
+                 prefix_store: PrefixStore | None = None) -> None:
         self.bm = block_manager
         self.swap = swap
         self.read_blocks = read_blocks
@@ -40,6 +42,16 @@ class ContextSwitcher:
         # Cost model inputs, refined from every swap and every prefill step.
         self.copy_bytes_per_s = 4e9
         self.prefill_tokens_per_s = 2000.0
+        self.prefix_store = prefix_store
+        if prefix_store is not None and prefix_store.wants(bytes_per_block) and block_manager.enable_prefix_caching:
+            block_manager.spill = self._spill
+            block_manager.spilled = prefix_store.holds
+            block_manager.unspill = lambda hashes: [prefix_store.take(h) for h in hashes]
+            block_manager.restore = lambda blocks, taken: self.write_blocks(blocks, torch.cat(taken, dim=2))
+
+    def _spill(self, block_id: int, block_hash: int, tokens: tuple) -> None:
+        """A cached block the pool is about to reuse: keep its KV in the second tier."""
+        self.prefix_store.put(block_hash, tokens, self.read_blocks([block_id]))
 
     def choose_mode(self, seq: Sequence) -> str:
         """Swap or recompute, by which is cheaper given measured copy and prefill speeds."""

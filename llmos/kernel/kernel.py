@@ -17,6 +17,7 @@ from llmos.kernel.request import RequestInfo, RequestTable, ScheduledSeq, Sequen
 from llmos.kernel.scheduler import Scheduler
 from llmos.kernel.stats import KernelStats
 from llmos.kernel.swap import SwapSpace
+from llmos.kernel.prefix_store import PrefixStore
 from llmos.kernel.tenant import TenantTable
 from llmos.validate import integer
 
@@ -31,7 +32,8 @@ class Kernel:
         self.policy = Policy.from_config(config, self.tenants)
         self.switcher = ContextSwitcher(self.block_manager, SwapSpace(config.swap_space, config.swap_dir),
                                         read_blocks=read_blocks, write_blocks=write_blocks,
-                                        bytes_per_block=bytes_per_block, mode=config.preemption_mode)
+                                        bytes_per_block=bytes_per_block, mode=config.preemption_mode,
+                                        prefix_store=PrefixStore(config.prefix_swap_space))
         self.scheduler = Scheduler(self.block_manager, self.policy, self.tenants, self.switcher,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)

@@ -86,6 +86,8 @@ class PrefixCacheStats:
     queries: int
     hits: int
     hit_rate: float
+    restored: int = 0         # hits copied back from host memory (the second tier), not found in the pool
+    spilled: int = 0          # cached blocks moved to host memory when the pool reused them
 
 
 @dataclass
