@@ -255,7 +255,7 @@ def latency(embedder: Embedder, tmp: str, seed: int = 3, sizes: tuple[int, ...] 
 def exactness(mem: SemanticMemory, embedder: Embedder, questions: list[str]) -> float:
     """Mean overlap of the vector search's 10 nearest (bit index, then exact re-scoring; before
     fusion and version ordering) with an exact scan of every stored vector."""
-    rows = mem._db.execute("SELECT seq, vector FROM memories").fetchall()
+    rows = mem._db.execute("SELECT seq, vector FROM vectors").fetchall()
     seqs = [r[0] for r in rows]
     matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
     overlap = 0.0

@@ -342,3 +342,23 @@ def test_waiting_approval_survives_a_kernel_sigkill(tmp_path, default_model_path
         assert len(s2.http().get("/v1/approvals").json()["data"]) == 1
     finally:
         assert s2.stop() == 0, s2.log.read_text()
+
+
+def test_agent_conversation_is_kept_by_the_kernel(lib, tmp_path):
+    p = program(tmp_path, "conv_agent.py", """
+        conv = agent.conversation("diary", budget=256)
+        replies = [conv.send(text, max_tokens=12, temperature=0)
+                   for text in ["My favourite colour is teal.", "I live on a houseboat.", "Say hi."]]
+        info = conv.info()
+        print(json.dumps({"replies": replies, "turns": info["turns"], "budget": info["budget"]}))
+    """)
+    proc = lib.spawn(p, caps=["llm"])
+    assert lib.wait(proc["pid"])["exit_code"] == 0, lib.log_of(proc["pid"])
+    out = json.loads(lib.log_of(proc["pid"]).strip().splitlines()[-1])
+    assert out["turns"] == 6 and out["budget"] == 256 and all(isinstance(r, str) and r for r in out["replies"])
+    # The same conversation, by name, for the tenant's HTTP clients.
+    info = lib.http().get("/v1/conversations/diary").json()
+    assert [t["content"] for t in info["working"] if t["role"] == "user"][0] == "My favourite colour is teal."
+    denied = lib.spawn(p, caps=["mem"])
+    lib.wait(denied["pid"])
+    assert "lacks capability llm" in lib.log_of(denied["pid"])

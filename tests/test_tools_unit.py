@@ -195,3 +195,25 @@ def test_kv_store_versions_quotas_and_isolation(tmp_path):
     kv = KeyValueStore(tmp_path / "kv.db")
     assert kv.list("a") == ["k1", "k2", "k3"] and kv.list("a", "k1") == ["k1"]
     kv.close()
+
+
+def test_tools_and_mcp_servers_in_the_toml_config(tmp_path):
+    from llmos.server.settings import load_settings
+    good = tmp_path / "good.toml"
+    good.write_text('[tools]\nworkers = 3\nhttp_allow_hosts = ["*.example.org"]\n'
+                    '[[mcp_servers]]\nname = "files"\ncommand = ["python", "-m", "srv"]\n'
+                    '[[mcp_servers]]\nname = "web"\nurl = "http://127.0.0.1:9/mcp"\n')
+    s = load_settings(good)
+    assert s.tools.workers == 3 and [c.name for c in s.mcp_servers] == ["files", "web"]
+    assert "[[mcp_servers]]" in s.to_toml() and 'name = "web"' in s.to_toml()
+    for text, message in [('[tools]\nmodules = "x"\n', "tools.modules: must be a list"),
+                          ('[tools]\nwokers = 3\n', "unknown setting"),
+                          ('[[mcp_servers]]\nname = "a"\n', "exactly one of command"),
+                          ('[[mcp_servers]]\nname = "a b"\nurl = "http://x"\n', "letters, digits"),
+                          ('[[mcp_servers]]\nname = "a"\nurl = "http://x"\nport = 1\n', "unknown key"),
+                          ('[[mcp_servers]]\nname = "a"\nurl = "http://x"\n[[mcp_servers]]\nname = "a"\nurl = "http://y"\n',
+                           "unique")]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(InvalidRequestError, match=message):
+            load_settings(bad)

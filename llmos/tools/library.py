@@ -9,6 +9,7 @@ Who may call what is decided before a call gets here: the syscall table checks a
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 from llmos.errors import InvalidRequestError
@@ -21,7 +22,6 @@ from llmos.tools.registry import NoSuchTool, Tool, ToolContext, ToolError, ToolR
 
 def _jsonable(value: Any) -> Any:
     """A tool's result as JSON can carry it (tuples to lists, objects to text)."""
-    import json
     return json.loads(json.dumps(value, default=str))
 
 

@@ -38,7 +38,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     if body.tools and any(isinstance(t, LlmosTool) for t in body.tools):
         library_tools = [state.agents.library.get(t.name) if isinstance(t, LlmosTool) else None for t in body.tools]
         if body.llmos_execute:
-            return JSONResponse(await anyio.to_thread.run_sync(execute, state, principal, body, library_tools))
+            return JSONResponse(await _execute_limited(state, principal, body, library_tools))
         body.tools = [_function(t) if lt is None else _function(lt) for t, lt in zip(body.tools, library_tools)]
     tools = plan(body.tools, body.tool_choice)
     guided = tools.guided if tools else response_format_spec(body.response_format)
@@ -124,7 +124,25 @@ def _function(t) -> Tool:
                                                       parameters=t.parameters))
 
 
-def execute(state: ServerState, principal: Principal, body: ChatCompletionRequest, tools) -> dict:
+async def _execute_limited(state: ServerState, principal: Principal, body: ChatCompletionRequest, tools) -> dict:
+    """The tool loop under the same drain, rate limits and priority rules as any generation."""
+    priority = principal.priority(body.priority)
+    state.drain.admit()
+    try:
+        prompt_tokens = sum(len(m.text() or "") for m in body.messages) // 4 + 1   # a first estimate for tpm
+        permit = state.limiter.admit(principal.key, prompt_tokens)
+        try:
+            out = await anyio.to_thread.run_sync(execute, state, principal, body, tools, priority)
+        except BaseException:
+            permit.release(0)
+            raise
+        permit.release(out["usage"]["completion_tokens"])
+        return out
+    finally:
+        state.drain.leave()
+
+
+def execute(state: ServerState, principal: Principal, body: ChatCompletionRequest, tools, priority: int = 0) -> dict:
     """llmos_execute: the server runs the model -> tool -> model loop with the key's
     tenant and returns the final answer as a chat completion, plus `llmos_trace`. Blocking."""
     messages = []
@@ -140,7 +158,7 @@ def execute(state: ServerState, principal: Principal, body: ChatCompletionReques
 
     def generate(msgs, specs, choice):
         out = run_chat(state.llm, msgs, sampling, tools=specs or None, tool_choice=choice, tenant=principal.tenant,
-                       priority=principal.default_priority)
+                       priority=priority)
         return loop.TurnOutput(out["text"], out["tool_call"], out["prompt_tokens"], out["output_tokens"],
                                out["finish_reason"])
 
