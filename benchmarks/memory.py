@@ -11,6 +11,9 @@ all-MiniLM-L6-v2 embedder, on facts about generated people, in one run.
                 hybrid, vector-only and keyword-only, and hybrid without version grouping.
 3 latency       remember and recall p50/p99 at 10k and 100k memories, bulk-loaded with
                 remember_many; recall time includes embedding the query.
+4 long_conversation, 5 kv_warm, 6 tool_overhead: conversations longer than the window,
+                an idle conversation's KV after other traffic, and the tool pool's cost per
+                call (benchmarks/conversation.py).
 
 Everything is generated from fixed seeds in this file; nothing is downloaded.
 
@@ -34,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import conversation  # noqa: E402
 from benchmarks.common import markdown_table, write_section  # noqa: E402
 
 from llmos.kernel.memory import SemanticMemory  # noqa: E402
@@ -267,7 +271,10 @@ def exactness(mem: SemanticMemory, embedder: Embedder, questions: list[str]) -> 
     return overlap / len(questions)
 
 
-PARTS = {"supersession": supersession, "retrieval": retrieval, "latency": latency}
+PARTS = {"supersession": supersession, "retrieval": retrieval, "latency": latency,
+         "long_conversation": lambda embedder, tmp: conversation.long_conversation(),
+         "kv_warm": lambda embedder, tmp: conversation.kv_warm(),
+         "tool_overhead": lambda embedder, tmp: conversation.tool_overhead()}
 TARGETS = {"supersession": 0.95, "retrieval": 0.9, "latency": 50.0}
 
 
@@ -311,6 +318,7 @@ def markdown(results: dict) -> str:
                                      "remember", "exact@10"], rows)
                    + f"\n\nRecall p99 at {max(sizes):,}: **{top:.1f} ms** (target <= {TARGETS['latency']:.0f}: "
                    f"{verdict(top <= TARGETS['latency'])}).")
+    out += conversation.markdown(results)
     return "\n\n".join(out)
 
 

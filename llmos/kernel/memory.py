@@ -256,11 +256,21 @@ class SemanticMemory:
         if mode not in MODES:
             raise InvalidRequestError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
         where, params = _filter_clause(filter)
+        words: dict[int, float] = {}
+        failed: list[BaseException] = []
+        keyword = None
+        if mode != "vector":   # the keyword search runs while the query is embedded (both free the GIL)
+            keyword = threading.Thread(target=self._keyword_locked,
+                                       args=(tenant, scopes, query, where, params, words, failed))
+            keyword.start()
         qvec = self._vectors([query])[0] if mode != "keyword" else None
+        if keyword is not None:
+            keyword.join()
+            if failed:
+                raise failed[0]
         with self._lock:
             self._connection()
             near = dict(self._nearest(tenant, scopes, qvec, where, params)) if qvec is not None else {}
-            words = dict(self._keyword(tenant, scopes, query, where, params)) if mode != "vector" else {}
             rows = self._rows(tenant, scopes, near | words, where, params)
         self._score(rows, mode, qvec, near, words)
         return [r.memory for r in self._order_versions(rows, qvec, k)[:k]]
@@ -308,6 +318,15 @@ class SemanticMemory:
         sims = _dot(matrix, qvec)
         best = np.argsort(-sims, kind="stable")[:self.CANDIDATES]
         return [(got[i][0], float(sims[i])) for i in best]
+
+    def _keyword_locked(self, tenant: str, scopes: list[str], query: str, where: str, params: list,
+                        into: dict[int, float], failed: list) -> None:
+        try:
+            with self._lock:
+                self._connection()
+                into.update(self._keyword(tenant, scopes, query, where, params))
+        except BaseException as e:
+            failed.append(e)
 
     def _keyword(self, tenant: str, scopes: list[str], query: str, where: str, params: list
                  ) -> list[tuple[int, float]]:
