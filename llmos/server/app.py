@@ -27,7 +27,6 @@ from llmos.kernel.conversation import ConversationStore
 from llmos.kernel.memory import SemanticMemory
 from llmos.tools import builtins
 from llmos.tools.library import FunctionLibrary
-from llmos.tools.mcp import MCPHub
 from llmos.tools.pool import ToolPool
 from llmos.tools.registry import DEFAULT, ToolRegistry
 
@@ -85,8 +84,10 @@ def build_services(settings: Settings, state: ServerState) -> dict:
     registry.absorb(DEFAULT)
     for module in t.modules:
         registry.load_module(module)
-    hub = MCPHub(settings.mcp_servers) if settings.mcp_servers else None
-    if hub is not None:
+    hub = None
+    if settings.mcp_servers:
+        from llmos.tools.mcp import MCPHub   # the mcp SDK takes most of a second to import
+        hub = MCPHub(settings.mcp_servers)
         hub.start()
     library = FunctionLibrary(registry, ToolPool(t.workers, default_timeout=t.timeout, max_waiting=t.max_waiting),
                               ApprovalBook(home / "approvals.db"), mcp=hub, approval_timeout=t.approval_timeout)

@@ -93,9 +93,11 @@ class Settings:
     mcp_servers: list = field(default_factory=list)  # [[mcp_servers]]: name and command (argv list) or url
 
     def __post_init__(self) -> None:
-        from llmos.tools.mcp import MCPServerConfig
         if not isinstance(self.mcp_servers, list):
             raise InvalidRequestError("mcp_servers: must be an array of tables ([[mcp_servers]])")
+        if not self.mcp_servers:
+            return
+        from llmos.tools.mcp import MCPServerConfig   # the mcp SDK takes most of a second to import
         configs = []
         for i, entry in enumerate(self.mcp_servers):
             if isinstance(entry, MCPServerConfig):
