@@ -217,3 +217,69 @@ def test_tools_and_mcp_servers_in_the_toml_config(tmp_path):
         bad.write_text(text)
         with pytest.raises(InvalidRequestError, match=message):
             load_settings(bad)
+
+
+def test_http_get_fetches_only_allowed_hosts():
+    import http.server
+    from llmos.kernel.capabilities import PermissionDenied
+    from llmos.tools import builtins
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"x" * 5000 if self.path == "/big" else b"hello from loopback"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    reg = ToolRegistry()
+    builtins.install(reg, http_allow_hosts=["127.0.0.1"], http_max_bytes=1000)
+    none = ToolRegistry()
+    builtins.install(none)
+    pool = ToolPool(2, default_timeout=10)
+    tool = reg.get("http.get")
+    try:
+        assert "http.get" not in {t.name for t in none.list()}
+        out = pool.run(tool, tool.validate({"url": f"http://127.0.0.1:{server.server_port}/"}), CTX)
+        assert out["status"] == 200 and out["text"] == "hello from loopback"
+        with pytest.raises(ToolError, match="larger than 1000 bytes"):
+            pool.run(tool, tool.validate({"url": f"http://127.0.0.1:{server.server_port}/big"}), CTX)
+        with pytest.raises(PermissionDenied, match="localhost"):
+            pool.run(tool, tool.validate({"url": f"http://localhost:{server.server_port}/"}), CTX)
+        with pytest.raises(InvalidRequestError, match="http"):
+            pool.run(tool, tool.validate({"url": "file:///etc/passwd"}), CTX)
+    finally:
+        pool.shutdown()
+        server.shutdown()
+
+
+def test_clock_and_fs_builtins_act_for_the_caller(tmp_path):
+    import datetime
+    from llmos.kernel.capabilities import PermissionDenied
+    from llmos.kernel.storage import TenantStorage
+    from llmos.tools import builtins
+    reg = ToolRegistry()
+    builtins.install(reg)
+    pool = ToolPool(2)
+    storage = TenantStorage(tmp_path / "files")
+    ctx = ToolContext("acme", 3, ("fs:read:notes/*", "fs:write:notes/*"), {"storage": storage})
+    try:
+        now = pool.run(reg.get("clock"), {"timezone": "Europe/Paris"}, ctx)
+        assert abs(datetime.datetime.fromisoformat(now["iso"]).timestamp() - now["unix"]) < 2
+        with pytest.raises(InvalidRequestError, match="unknown time zone"):
+            pool.run(reg.get("clock"), {"timezone": "Mars/Olympus"}, ctx)
+        pool.run(reg.get("fs.write"), {"path": "notes/a.txt", "content": "hi"}, ctx)
+        assert pool.run(reg.get("fs.read"), {"path": "notes/a.txt"}, ctx) == "hi"
+        assert (tmp_path / "files" / "acme" / "notes" / "a.txt").read_text() == "hi"
+        with pytest.raises(PermissionDenied, match="fs:write:secret.txt"):
+            pool.run(reg.get("fs.write"), {"path": "secret.txt", "content": "x"}, ctx)
+        with pytest.raises(InvalidRequestError, match="escapes"):
+            pool.run(reg.get("fs.read"), {"path": "notes/../../other/x"}, ctx)
+    finally:
+        pool.shutdown()
