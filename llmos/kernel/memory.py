@@ -96,10 +96,10 @@ class _Row:
 
 
 class SemanticMemory:
-    KEYWORD_WEIGHT = 0.1     # BM25 (scaled to the best match = 1) added to the cosine in hybrid mode
+    KEYWORD_WEIGHT = 0.2     # BM25 (scaled to the best match = 1) added to the cosine in hybrid mode
     CANDIDATES = 50          # taken from each list before fusion
     COARSE = 64              # nearest by sign bits, re-scored exactly (sqlite-vec costs ~0.3 ms per k at 100k)
-    VERSION_LINK = 1.2       # cosine(row, newer row) + cosine(query, newer row) that makes them versions
+    VERSION_LINK = 1.3       # cosine(row, newer row) + cosine(query, newer row) that makes them versions
     MAX_LIFTED = 3           # newer versions lifted above one row, bounding what a wrong link costs
 
     def __init__(self, path: Path, embed: Callable[[list[str]], np.ndarray], dim: int = 384, *,
