@@ -144,13 +144,15 @@ def kv_warm(turns: int = 10, budget: int = 1024) -> dict:
     from llmos.kernel.memory import SemanticMemory
     from llmos.models.embedder import Embedder
     embedder = Embedder()
-    llm = LLM("smollm2-135m", kv_cache_memory="64MiB", seed=0)
-    tok = llm.get_tokenizer()
-    pool_tokens = llm.stats().kv_blocks.total * BLOCK
-    out = {"kv_pool_tokens": pool_tokens}
+    out: dict = {}
     rng = random.Random(1)
-    try:
-        for traffic in ("light", "heavy"):
+    for name, traffic, second_tier in (("light", "light", "256MiB"), ("heavy", "heavy", "256MiB"),
+                                       ("heavy, no second tier", "heavy", 0)):
+        llm = LLM("smollm2-135m", kv_cache_memory="64MiB", seed=0, prefix_swap_space=second_tier)
+        tok = llm.get_tokenizer()
+        pool_tokens = llm.stats().kv_blocks.total * BLOCK
+        out["kv_pool_tokens"] = pool_tokens
+        try:
             with tempfile.TemporaryDirectory() as d:
                 memory = SemanticMemory(Path(d) / "m.db", embedder.embed, embedder.dimensions)
                 convs = ConversationStore(Path(d) / "c.db", memory, lambda t: len(tok.encode(t)), budget=budget)
@@ -166,10 +168,10 @@ def kv_warm(turns: int = 10, budget: int = 1024) -> dict:
                     convs.send("bench", "warm", rng.choice(FILLER).format(d=rng.choice(DAYS)), generate=generate)
                     _other_traffic(llm, rng, 3 * pool_tokens if traffic == "heavy" else 0)
                 memory.close()
-            out[traffic] = {"cached_share_mean": statistics.mean(shares[1:]), "prompt_tokens_mean":
-                            statistics.mean(prompts[1:])}
-    finally:
-        llm.close()
+        finally:
+            llm.close()
+        out[name] = {"cached_share_mean": statistics.mean(shares[1:]), "prompt_tokens_mean":
+                     statistics.mean(prompts[1:])}
     return out
 
 
@@ -245,11 +247,10 @@ def markdown(results: dict) -> list[str]:
                    f"free block). Share of each resumed turn's prompt served from cache (mean over turns 2-10):\n\n"
                    + markdown_table(["traffic between turns", "prompt tokens", "from cache"],
                                     [[t, f"{r[t]['prompt_tokens_mean']:.0f}", f"{r[t]['cached_share_mean']:.2f}"]
-                                     for t in ("light", "heavy")])
+                                     for t in ("light", "heavy", "heavy, no second tier")])
                    + "\n\nUnder heavy traffic the conversation's blocks leave the pool; the prefix cache's "
                    "second tier (`engine.prefix_swap_space`, host memory) keeps them and copies them back. "
-                   "Without it (`prefix_swap_space = 0`) the heavy case served 0.00 from cache (measured "
-                   "2026-11-29 before the second tier existed).")
+                   "Without it (`prefix_swap_space = 0`, last row) the whole prompt is prefilled again.")
     if "tool_overhead" in results:
         r = results["tool_overhead"]
         out.append(f"### Tool call overhead\n\n`calculator` called directly vs through the worker pool "
