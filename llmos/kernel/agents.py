@@ -26,6 +26,7 @@ from llmos.kernel.intrusion import IntrusionDetector
 from llmos.kernel.ipc import MessageQueue
 from llmos.kernel.journal import Journal
 from llmos.kernel.kvstore import KeyValueStore
+from llmos.kernel.memory import SHARED, own_scope, visible_scopes
 from llmos.kernel.process import LimitExceeded, Limits, NoSuchProcess, Process, ProcessState, ProcessTable
 from llmos.kernel.storage import TenantStorage
 from llmos.kernel.supervisor import Supervisor
@@ -380,12 +381,15 @@ class AgentKernel:
 
 
     # -- the function library -------------------------------------------------------------
-    def _tool_ctx(self, proc: Process) -> ToolContext:
+    def tool_context(self, tenant: str, pid: int, caps) -> ToolContext:
+        """Who a tool call runs for, with the kernel services built-ins act through."""
         if self.library is None:
             raise InvalidRequestError("tool: this kernel has no function library")
-        return ToolContext(proc.tenant, proc.pid, tuple(proc.caps),
-                           {"storage": self.storage, "memory": self.memory, "kv": self.kv,
-                            "hidden_paths": self.hidden_paths})
+        return ToolContext(tenant, pid, tuple(caps), {"storage": self.storage, "memory": self.memory, "kv": self.kv,
+                                                      "hidden_paths": self.hidden_paths})
+
+    def _tool_ctx(self, proc: Process) -> ToolContext:
+        return self.tool_context(proc.tenant, proc.pid, proc.caps)
 
     def _tool_list(self, proc, a):
         self._tool_ctx(proc)
@@ -439,22 +443,18 @@ class AgentKernel:
             raise InvalidRequestError("mem: this kernel has no semantic memory")
         return self.memory
 
-    def _mem_scopes(self, proc: Process) -> list[str]:
-        mine = [f"proc:{proc.pid}"]
-        return mine + ["tenant"] if Capabilities(proc.caps).allows("mem:shared") else mine
-
     def _mem_remember(self, proc, a):
-        scope = "tenant" if a.get("shared") else f"proc:{proc.pid}"
+        scope = SHARED if a.get("shared") else own_scope(proc.pid)
         return {"id": self._memory().remember(proc.tenant, scope, a.get("text"), a.get("metadata"))}
 
     def _mem_recall(self, proc, a):
-        items = self._memory().recall(proc.tenant, self._mem_scopes(proc), a.get("query"), a.get("k", 5),
-                                      a.get("filter"))
+        scopes = visible_scopes(proc.pid, Capabilities(proc.caps).allows("mem:shared"))
+        items = self._memory().recall(proc.tenant, scopes, a.get("query"), a.get("k", 5), a.get("filter"))
         return {"items": [{"id": m.id, "text": m.text, "score": m.score, "metadata": m.metadata,
-                           "created_at": m.created_at, "shared": m.scope == "tenant"} for m in items]}
+                           "created_at": m.created_at, "shared": m.scope == SHARED} for m in items]}
 
     def _mem_forget(self, proc, a):
-        scopes = ["tenant"] if a.get("shared") else [f"proc:{proc.pid}"]
+        scopes = [SHARED if a.get("shared") else own_scope(proc.pid)]
         return {"ok": self._memory().forget(proc.tenant, scopes, a.get("id"))}
 
     def _kv_get(self, proc, a):
@@ -481,7 +481,7 @@ class AgentKernel:
     def _conv_send(self, proc, a):
         convs = self._conversations()
         with self._blocked(proc):
-            return convs.send(proc.tenant, a.get("name"), a.get("content"), owner=f"proc:{proc.pid}",
+            return convs.send(proc.tenant, a.get("name"), a.get("content"),
                               generate=lambda msgs, sampling: self._llm(proc, msgs, sampling),
                               sampling=a.get("sampling", {}), budget=a.get("budget"))
 

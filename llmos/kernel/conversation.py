@@ -148,7 +148,7 @@ class ConversationStore:
 
     # -- one turn -----------------------------------------------------------------------------
     def send(self, tenant: str, name, content, *, generate: Callable[[list[dict], dict], dict],
-             sampling: dict | None = None, owner: str = "", budget: int | None = None) -> dict:
+             sampling: dict | None = None, budget: int | None = None) -> dict:
         """Add a user message, run the model on the assembled context, keep its answer.
         A conversation that does not exist yet is created (with `budget`)."""
         _check_name(name)

@@ -69,6 +69,21 @@ _STOPWORDS = frozenset(
     "whom whose why will with would you your".split())
 
 
+SHARED = "tenant"      # the scope of a tenant's shared memory (mem:shared; HTTP clients)
+
+
+def own_scope(pid: int) -> str:
+    """The scope of an agent process's private memory; pid 0 (an HTTP client) has none but
+    the tenant's."""
+    return f"proc:{pid}" if pid else SHARED
+
+
+def visible_scopes(pid: int, shared: bool) -> list[str]:
+    """What a recall by this caller sees: its own memory, and the tenant's with `shared`."""
+    mine = [own_scope(pid)]
+    return mine + [SHARED] if shared and mine != [SHARED] else mine
+
+
 class MemoryFull(LLMOSError):
     """A tenant holds max_items_per_tenant memories; forget some before remembering more."""
 

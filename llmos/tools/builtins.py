@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from llmos.errors import InvalidRequestError
 from llmos.kernel.capabilities import Capabilities, PermissionDenied, required_for
+from llmos.kernel.memory import SHARED, own_scope, visible_scopes
 from llmos.tools.calculator import calculate
 from llmos.tools.registry import ToolContext, ToolError, ToolRegistry, from_function
 from llmos.tools.sandbox import run_python
@@ -96,11 +97,6 @@ def fs_delete(ctx: ToolContext, path: str) -> dict:
     return {"deleted": path}
 
 
-def _memory_scope(ctx: ToolContext, shared: bool) -> str:
-    _require(ctx, "mem.remember", shared=shared)
-    return "tenant" if shared or ctx.pid == 0 else f"proc:{ctx.pid}"
-
-
 def memory_remember(ctx: ToolContext, text: str, metadata: dict | None = None, shared: bool = False) -> dict:
     """Store a fact in long-term memory, to be recalled later by meaning.
 
@@ -109,7 +105,8 @@ def memory_remember(ctx: ToolContext, text: str, metadata: dict | None = None, s
         metadata: optional key/value labels, usable as a recall filter
         shared: store it in your tenant's shared memory instead of your own
     """
-    scope = _memory_scope(ctx, shared)
+    _require(ctx, "mem.remember", shared=shared)
+    scope = SHARED if shared else own_scope(ctx.pid)
     return {"id": ctx.services["memory"].remember(ctx.tenant, scope, text, metadata)}
 
 
@@ -122,9 +119,7 @@ def memory_recall(ctx: ToolContext, query: str, k: int = 5, filter: dict | None 
         filter: only items whose metadata has these key/value pairs
     """
     _require(ctx, "mem.recall")
-    scopes = [f"proc:{ctx.pid}"] if ctx.pid else []
-    if ctx.pid == 0 or Capabilities(ctx.caps).allows("mem:shared"):
-        scopes.append("tenant")
+    scopes = visible_scopes(ctx.pid, Capabilities(ctx.caps).allows("mem:shared"))
     items = ctx.services["memory"].recall(ctx.tenant, scopes, query, k, filter)
     return [{"id": m.id, "text": m.text, "score": round(m.score, 4), "metadata": m.metadata} for m in items]
 

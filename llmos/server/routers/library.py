@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from llmos.kernel.capabilities import ALL
+from llmos.kernel.memory import SHARED
 from llmos.kernel.syscall import error_record
 from llmos.sampling_params import SamplingParams
 from llmos.server.auth import Principal, authenticate, get_state
@@ -33,9 +34,7 @@ async def _run(fn, *args):
 def http_context(state: ServerState, tenant: str) -> ToolContext:
     """Who an HTTP client's tool call runs as: its tenant, no process, every capability
     (the key already decided what the caller may do)."""
-    a = state.agents
-    return ToolContext(tenant, 0, ALL, {"storage": a.storage, "memory": a.memory, "kv": a.kv,
-                                        "hidden_paths": a.hidden_paths})
+    return state.agents.tool_context(tenant, 0, ALL)
 
 
 def call_tool_audited(state: ServerState, tenant: str, name: str, args: dict, wait: float = 0.0) -> dict:
@@ -184,14 +183,14 @@ class RecallRequest(BaseModel):
 async def remember(body: RememberRequest, principal: Principal = Depends(authenticate),
                    state: ServerState = Depends(get_state)) -> dict:
     """Store a fact in the tenant's shared memory (what its agents with mem:shared see)."""
-    mid = await _run(state.agents.memory.remember, principal.tenant, "tenant", body.text, body.metadata)
+    mid = await _run(state.agents.memory.remember, principal.tenant, SHARED, body.text, body.metadata)
     return {"id": mid}
 
 
 @router.post("/v1/memory/recall", responses=errors(400, 401))
 async def recall(body: RecallRequest, principal: Principal = Depends(authenticate),
                  state: ServerState = Depends(get_state)) -> dict:
-    items = await _run(lambda: state.agents.memory.recall(principal.tenant, ["tenant"], body.query, body.k,
+    items = await _run(lambda: state.agents.memory.recall(principal.tenant, [SHARED], body.query, body.k,
                                                           body.filter))
     return {"object": "list", "data": [{"id": m.id, "text": m.text, "score": m.score, "metadata": m.metadata,
                                         "created_at": m.created_at} for m in items]}
@@ -200,7 +199,7 @@ async def recall(body: RecallRequest, principal: Principal = Depends(authenticat
 @router.delete("/v1/memory/{id}", responses=errors(400, 401))
 async def forget(id: str, principal: Principal = Depends(authenticate),
                  state: ServerState = Depends(get_state)) -> dict:
-    return {"id": id, "deleted": await _run(state.agents.memory.forget, principal.tenant, ["tenant"], id)}
+    return {"id": id, "deleted": await _run(state.agents.memory.forget, principal.tenant, [SHARED], id)}
 
 
 # -- conversations -----------------------------------------------------------------------------------
