@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_revoke)
     from llmos.cli_agents import add_commands
     add_commands(sub)
+    from llmos.cli_top import add_commands as add_top
+    add_top(sub)
     return parser
 
 

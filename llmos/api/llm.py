@@ -11,7 +11,7 @@ from llmos.engine.engine_loop import EngineLoop
 from llmos.engine.llm_engine import LLMEngine
 from llmos.errors import InvalidRequestError
 from llmos.kernel.request import RequestInfo
-from llmos.kernel.stats import KernelStats
+from llmos.kernel.stats import KernelStats, MemoryMap
 from llmos.outputs import RequestOutput, StreamDelta
 from llmos.sampling_params import SamplingParams
 
@@ -95,6 +95,10 @@ class LLM:
 
     def list_requests(self) -> list[RequestInfo]:
         return self.loop.call(lambda e: e.kernel.list_requests())
+
+    def memory_map(self) -> MemoryMap:
+        """The KV pool block by block (owner, free, cached) and the swap tier."""
+        return self.loop.call(lambda e: e.kernel.memory_map())
 
     # -- the batch API --------------------------------------------------------------------
     @staticmethod

@@ -15,7 +15,7 @@ from llmos.kernel.context_switch import ContextSwitcher, ReadBlocks, WriteBlocks
 from llmos.kernel.policy import Policy
 from llmos.kernel.request import RequestInfo, RequestTable, ScheduledSeq, Sequence, SequenceStatus
 from llmos.kernel.scheduler import Scheduler
-from llmos.kernel.stats import KernelStats
+from llmos.kernel.stats import BlockOwner, KernelStats, MemoryMap, SwapSlot
 from llmos.kernel.swap import SwapSpace
 from llmos.kernel.prefix_store import PrefixStore
 from llmos.kernel.tenant import TenantTable
@@ -103,3 +103,23 @@ class Kernel:
 
     def stats(self) -> KernelStats:
         return self.accounting.snapshot(self.scheduler, self.config.scheduling_policy)
+
+    def memory_map(self) -> MemoryMap:
+        """Who holds each KV block now, and what lies in the swap tier."""
+        bm, swap = self.block_manager, self.switcher.swap
+        blocks = [-2 if b.hash is not None else -1 for b in bm.blocks]
+        owners: list[BlockOwner] = []
+        tenant_of: dict[str, str] = {}
+        for seq in self.requests.all():
+            tenant_of[seq.request_id] = seq.tenant
+            if seq.block_table:
+                owners.append(BlockOwner(seq.request_id, seq.tenant))
+                for block_id in seq.block_table:
+                    if blocks[block_id] < 0:
+                        blocks[block_id] = len(owners) - 1
+        shared = [b.block_id for b in bm.blocks if b.ref_count > 1]
+        slots = [SwapSlot(key, tenant_of.get(key, "default"), e.num_blocks, e.tier, e.compressed)
+                 for key, e in list(swap.entries.items())]
+        store = self.switcher.prefix_store
+        return MemoryMap(bm.num_blocks, bm.block_size, self.bytes_per_block, blocks, owners, shared,
+                         slots, swap.host_used, swap.host_budget, swap.disk_used, len(store) if store else 0)

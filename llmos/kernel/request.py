@@ -158,11 +158,13 @@ class RequestInfo:
     owner_pid: int | None
     user: str | None
     created: int
+    waiting_s: float = 0.0     # seconds spent queued (waiting or swapped out) so far
 
     @classmethod
     def of(cls, seq: Sequence) -> RequestInfo:
         return cls(seq.request_id, seq.tenant, seq.priority, seq.status.value, seq.num_prompt_tokens,
-                   len(seq.output_token_ids), len(seq.block_table), seq.owner_pid, seq.user, seq.created)
+                   len(seq.output_token_ids), len(seq.block_table), seq.owner_pid, seq.user, seq.created,
+                   round(seq.waited(time.monotonic()), 3))
 
 
 class RequestTable:

@@ -126,3 +126,47 @@ class KernelStats:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class BlockOwner:
+    request_id: str | None
+    tenant: str | None
+
+
+@dataclass
+class SwapSlot:
+    request_id: str
+    tenant: str
+    blocks: int
+    where: str                # "host" | "disk"
+    compressed: bool
+
+
+@dataclass
+class MemoryMap:
+    """The KV pool block by block and the swap tier beside it: the picture of who holds
+    memory that the dashboard draws. `blocks[i]` is -1 for a free block, -2 for a free
+    block still holding a reusable cached prefix, else an index into `owners` (a block
+    shared by several requests names the first; `shared` lists those blocks)."""
+    total: int
+    block_size: int
+    block_bytes: int
+    blocks: list[int]
+    owners: list[BlockOwner]
+    shared: list[int]
+    swap: list[SwapSlot]
+    swap_host_bytes: int
+    swap_host_budget: int
+    swap_disk_bytes: int
+    prefix_blocks: int        # cached prefix blocks kept in host memory (the second tier)
+
+    def for_tenant(self, tenant: str) -> MemoryMap:
+        """A tenant sees that the pool is used, but only its own requests by name."""
+        hidden = BlockOwner(None, None)
+        return dataclasses.replace(
+            self, owners=[o if o.tenant == tenant else hidden for o in self.owners],
+            swap=[s for s in self.swap if s.tenant == tenant])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import asyncio
+
 import anyio
 
 from fastapi import FastAPI
@@ -17,7 +19,9 @@ from llmos.kernel.intrusion import IntrusionDetector
 from llmos.server.agents import ProcessLLM
 from llmos.server.embeddings import Embedder
 from llmos.server.keys import KeyStore
-from llmos.server.routers import chat, completions, embeddings, health, kernel, library, models, processes
+from llmos.server.monitor import Monitor
+from llmos.server.routers import (chat, completions, dashboard, embeddings, health, kernel, library, models,
+                                  processes)
 from llmos.server.settings import Settings
 from llmos.server.sysgate import SyscallGate
 from llmos.server.state import ServerState
@@ -38,7 +42,7 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
     """An app serving `llm`; it owns the LLM from here on and closes it at shutdown."""
     s = settings.server
     state = ServerState(settings=settings, llm=llm, keys=KeyStore(s.keys_path), embedder=Embedder(),
-                        guard=IntrusionDetector(auth_threshold=s.auth_failure_threshold))
+                        guard=IntrusionDetector(auth_threshold=s.auth_failure_threshold), monitor=Monitor(llm))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,7 +57,9 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
                                    max_restarts=s.max_restarts, restart_backoff=(0.1, s.restart_backoff_max),
                                    **services)
         gate = SyscallGate(sock, state.agents) if sock else None
+        sampler = asyncio.get_running_loop().create_task(state.monitor.run(), name="llmos-monitor")
         yield
+        sampler.cancel()
         if gate:
             gate.close()
         state.agents.shutdown()
@@ -67,7 +73,7 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
     app.state.llmos = state
     errors.install(app)
     for r in (chat.router, completions.router, embeddings.router, models.router, kernel.router, processes.router,
-              processes.sys_router, library.router, health.router):
+              processes.sys_router, library.router, health.router, dashboard.router):
         app.include_router(r)
     app.openapi = lambda: _openapi(app)
     return app

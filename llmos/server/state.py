@@ -15,6 +15,7 @@ from llmos.server.drain import Drain
 from llmos.server.embeddings import Embedder
 from llmos.server.keys import KeyStore
 from llmos.server.limits import RateLimiter
+from llmos.server.monitor import Monitor
 from llmos.server.settings import Settings
 
 
@@ -27,6 +28,7 @@ class ServerState:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     drain: Drain = field(default_factory=Drain)
     agents: AgentKernel | None = None          # started with the server (lifespan)
+    monitor: Monitor | None = None             # samples the kernel for the dashboard and `llmos top`
     # Bad API keys per client address; past the threshold the address is refused for a while.
     guard: IntrusionDetector = field(default_factory=IntrusionDetector)
     started: int = field(default_factory=lambda: int(time.time()))
@@ -38,6 +40,10 @@ class ServerState:
     @property
     def model_name(self) -> str:
         return self.llm.model_name
+
+    def served_models(self) -> list[str]:
+        """The generation models a request may name."""
+        return [self.model_name]
 
     def set_weight(self, tenant: str, weight: float) -> None:
         """Give the tenant the weight its key carries (blocking: takes the engine lock)."""

@@ -18,6 +18,7 @@ class KernelRequest(BaseModel):
     owner_pid: int | None = Field(None, description="the agent process that made it, if any")
     user: str | None = None
     created: int | None = None
+    waiting_s: float = Field(0.0, description="seconds spent queued (waiting or swapped out) so far")
 
 
 class KernelRequestList(BaseModel):
