@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export LLMOS_HOME ?= $(HOME)/.llmos
 
-.PHONY: run test setup model bench clean
+.PHONY: run test setup model browser bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,14 @@ model: $(STAMP)
 run: model
 	$(BIN)/llmos serve
 
-test: model
+# The dashboard's tests drive the OS's Chromium through Playwright (Playwright's own browser
+# download cannot reach its server from here); installed from the Debian packages when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
+test: model browser
 	$(BIN)/python -m pytest -q tests
 
 bench: model

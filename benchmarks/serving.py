@@ -9,7 +9,13 @@ on its own thread, as the server does. Reported per system: output tokens/s (fir
 request sent to last token received), p50/p99 time to first token and inter-token
 latency as the client sees them, and the HTTP/Python throughput ratio.
 
+With `--dashboards N`: the cost of the live dashboard feed instead. One server; the same
+HTTP workload runs with N dashboards open (each an SSE client of /v1/dashboard/feed that
+parses every sample, as the browser page does) and with none, interleaved A B A B for
+`--rounds` rounds; medians of output tokens/s and their ratio.
+
     python benchmarks/serving.py [--quick] [--write]
+    python benchmarks/serving.py --dashboards 5 [--rounds 3] [--quick] [--write]
 """
 
 from __future__ import annotations
@@ -132,6 +138,56 @@ async def _http_clients(url: str, chats, lengths) -> tuple[list[Trace], float]:
         return traces, max(t.arrivals[-1] for t in traces) - t0
 
 
+async def _dashboard(url: str, seen: list[int]) -> None:
+    """One open dashboard: reads the live feed and parses every event, until cancelled."""
+    async with httpx.AsyncClient(base_url=url, timeout=None) as http:
+        async with http.stream("GET", "/v1/dashboard/feed") as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    json.loads(line[6:])
+                    seen[0] += 1
+
+
+async def _with_dashboards(url: str, chats, lengths, n: int) -> tuple[list[Trace], float, int]:
+    seen = [0]
+    watchers = [asyncio.create_task(_dashboard(url, seen)) for _ in range(n)]
+    while seen[0] < n:                           # every dashboard connected and drawing
+        await asyncio.sleep(0.05)
+    traces, elapsed = await _http_clients(url, chats, lengths)
+    for w in watchers:
+        w.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    return traces, elapsed, seen[0]
+
+
+def run_dashboards(chats, lengths, n: int, rounds: int) -> tuple[str, str]:
+    """Throughput with n dashboards open vs none, on one server, interleaved."""
+    runs: dict[int, list[float]] = {0: [], n: []}
+    samples = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        server = LocalServer(Path(tmp), engine={"model": MODEL, **ENGINE})
+        try:
+            for _ in range(rounds):
+                for count in (0, n):
+                    traces, elapsed, seen = asyncio.run(_with_dashboards(server.url, chats, lengths, count))
+                    runs[count].append(sum(t.tokens for t in traces) / elapsed)
+                    samples += seen
+                    print(f"  {count} dashboards: {runs[count][-1]:.1f} output tok/s", flush=True)
+        finally:
+            server.stop()
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    rows = [[f"{k} dashboards open", " / ".join(f"{x:.1f}" for x in v), f"{med[k]:.1f}", f"{med[k] / med[0]:.3f}"]
+            for k, v in runs.items()]
+    table = markdown_table(["system", "output tok/s per run", "median", "vs none"], rows)
+    note = (f"{len(chats)} streaming chat requests sent at once, output {min(lengths)}..{max(lengths)} tokens (EOS "
+            f"ignored, greedy), engine {ENGINE}, one server, runs interleaved (none, {n}, none, {n}, ...). Each "
+            f"dashboard is an SSE client of /v1/dashboard/feed parsing every sample (rows and memory map "
+            f"included); {samples} samples were read in all. The monitor samples the kernel once a second "
+            f"whether one dashboard or many watch.")
+    return table, note
+
+
 def summarize(traces: list[Trace], elapsed: float, others: float) -> dict:
     ttft = [t.arrivals[0] - t.sent for t in traces]
     itl = [b - a for t in traces for a, b in zip(t.arrivals, t.arrivals[1:])]
@@ -144,8 +200,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 requests instead of 64")
     ap.add_argument("--write", action="store_true", help="add the results to docs/benchmarks.md")
+    ap.add_argument("--dashboards", type=int, default=0, help="measure N open dashboards against none")
+    ap.add_argument("--rounds", type=int, default=3, help="with --dashboards: A B rounds")
     args = ap.parse_args()
     chats, lengths = workload(16 if args.quick else 64)
+    if args.dashboards:
+        table, note = run_dashboards(chats, lengths, args.dashboards, args.rounds)
+        print(table + "\n\n" + note)
+        if args.write:
+            command = (f".venv/bin/python benchmarks/serving.py --dashboards {args.dashboards} --rounds {args.rounds}"
+                       + (" --quick" if args.quick else "") + " --write")
+            write_section("Serving: live dashboards", command, f"### Throughput with dashboards open\n\n{table}"
+                          f"\n\n{note}")
+        return
     results = {"python API": summarize(*run_python(chats, lengths)), "HTTP": summarize(*run_http(chats, lengths))}
     base = results["python API"]["tok_s"]
     rows = [[name, r["seconds"], r["tokens"], r["tok_s"], f"{r['tok_s'] / base:.3f}",
