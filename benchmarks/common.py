@@ -113,7 +113,8 @@ class LocalServer:
     own keys database and agents directory (kept when `home` is given, so a second server
     can take over after the first is killed)."""
 
-    def __init__(self, home: Path, engine: dict | None = None, server: dict | None = None) -> None:
+    def __init__(self, home: Path, engine: dict | None = None, server: dict | None = None,
+                 cluster: dict | None = None, env: dict | None = None) -> None:
         import json
         import socket
         import subprocess
@@ -126,11 +127,13 @@ class LocalServer:
         self.home.mkdir(parents=True, exist_ok=True)
         sets = {"server.keys_db": str(self.home / "keys.db"), "server.agents_dir": str(self.home / "agents"),
                 "server.log_level": "warning", **{f"engine.{k}": v for k, v in (engine or {}).items()},
-                **{f"server.{k}": v for k, v in (server or {}).items()}}
+                **{f"server.{k}": v for k, v in (server or {}).items()},
+                **{f"cluster.{k}": v for k, v in (cluster or {}).items()}}
         cmd = [sys.executable, "-m", "llmos.cli", "serve", "--no-auth", "--port", str(self.port)]
         for k, v in sets.items():
             cmd += ["--set", f"{k}={json.dumps(v)}"]
-        self.proc = subprocess.Popen(cmd, stdout=(self.home / "server.log").open("a"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=(self.home / "server.log").open("a"), stderr=subprocess.STDOUT,
+                                     env=None if env is None else {**os.environ, **env})
         self.started = time.perf_counter()
         self.wait_healthy()
 

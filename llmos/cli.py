@@ -115,6 +115,12 @@ def _settings(args):
             overrides[name] = getattr(args, flag)
     if getattr(args, "no_auth", False):
         overrides["server.auth"] = False
+    if getattr(args, "cluster", None) is not None:
+        overrides["cluster.enabled"] = True
+        if args.cluster:
+            overrides["cluster.address"] = args.cluster
+    if getattr(args, "replicas", None) is not None:
+        overrides["cluster.replicas"] = args.replicas
     return load_settings(args.config, overrides)
 
 
@@ -200,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
         p.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
         p.add_argument("--no-auth", action="store_true", help="no API keys; loopback addresses only")
+        p.add_argument("--cluster", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="serve from engine replicas on Ray: the cluster at ADDRESS, or a local one")
+        p.add_argument("--replicas", type=int, default=None, help="engine replicas in the cluster (default 2)")
         p.set_defaults(func=func)
 
     keys = sub.add_parser("keys", help="manage the server's API keys").add_subparsers(dest="keys_command",
@@ -224,8 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_revoke)
     from llmos.cli_agents import add_commands
     add_commands(sub)
+    from llmos.cli_adapters import add_commands as add_adapters
+    add_adapters(sub)
     from llmos.cli_top import add_commands as add_top
     add_top(sub)
+    from llmos.cli_cluster import add_commands as add_cluster
+    add_cluster(sub)
+    from llmos.cli_train import add_commands as add_train
+    add_train(sub)
     return parser
 
 

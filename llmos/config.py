@@ -70,10 +70,16 @@ class EngineConfig:
     aging_rate: float = 0.1                  # priority levels gained per second of waiting
     rr_quantum: int = 32                     # tokens a sequence runs before yielding (rr)
     max_waiting: int | None = 1024           # default bound on each tenant's waiting queue
+    # LoRA adapters: memory their resident weights may hold, how many may be resident at
+    # once (idle ones beyond either are evicted, least recently used first), largest rank
+    adapter_memory: int | str = "1GiB"
+    max_loaded_adapters: int = 32
+    max_lora_rank: int = 64
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
         self.swap_space = parse_size(self.swap_space, "swap_space")
+        self.adapter_memory = parse_size(self.adapter_memory, "adapter_memory")
         self.prefix_swap_space = (0 if self.prefix_swap_space in (0, "0")
                                   else parse_size(self.prefix_swap_space, "prefix_swap_space"))
         if self.scheduling_policy not in ("fcfs", "priority", "rr", "fair"):
@@ -85,7 +91,7 @@ class EngineConfig:
         integer("rr_quantum", self.rr_quantum, 1)
         number("aging_rate", self.aging_rate, 0)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "json_max_digits",
-                     "json_max_string_length"):
+                     "json_max_string_length", "max_loaded_adapters", "max_lora_rank"):
             integer(name, getattr(self, name), 1)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidRequestError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")

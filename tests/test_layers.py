@@ -17,6 +17,7 @@ FORBIDDEN = {
     "engine": ("llmos.server", "llmos.api"),
     "models": ("llmos.engine", "llmos.kernel", "llmos.server", "llmos.api"),
     "api": ("llmos.server",),
+    "cluster": ("llmos.server",),
 }
 
 

@@ -107,6 +107,8 @@ def test_whoami_and_auth(server):
         assert me == {**me, "tenant": "alice", "admin": False}
         r = bad.get("/v1/dashboard/whoami")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        anonymous = httpx.get(server.url + "/v1/dashboard/whoami").json()   # tells the page to ask for a key
+        assert anonymous["auth"] is True and anonymous["tenant"] is None and not anonymous["admin"]
         assert bad.get("/v1/dashboard/feed").status_code == 401
         page = httpx.get(server.url + "/")           # the page itself is public; its data is not
         assert page.status_code == 200 and "<html" in page.text.lower()

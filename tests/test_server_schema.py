@@ -34,6 +34,12 @@ OPERATIONS = [
     ("POST", "/v1/memory", 8), ("POST", "/v1/memory/recall", 8), ("DELETE", "/v1/memory/{id}", 5),
     ("POST", "/v1/conversations", 8), ("GET", "/v1/conversations", 3), ("GET", "/v1/conversations/{name}", 5),
     ("DELETE", "/v1/conversations/{name}", 5), ("POST", "/v1/conversations/{name}/messages", 6),
+    ("GET", "/v1/adapters", 3), ("POST", "/v1/adapters", 10), ("GET", "/v1/adapters/{name}", 5),
+    ("DELETE", "/v1/adapters/{name}", 5),
+    ("GET", "/v1/dashboard/whoami", 3), ("GET", "/v1/dashboard/snapshot", 3),
+    ("GET", "/v1/cluster", 3), ("POST", "/v1/cluster/scale", 5),
+    ("POST", "/v1/fine_tuning/jobs", 5), ("GET", "/v1/fine_tuning/jobs", 3), ("GET", "/v1/fine_tuning/jobs/{job_id}", 3),
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel", 3), ("GET", "/v1/fine_tuning/jobs/{job_id}/events", 3),
 ]
 
 
@@ -80,7 +86,8 @@ NEGATIVE = {("POST", p) for p in ("/v1/chat/completions", "/v1/completions", "/v
                                   "/v1/kernel/requests/{request_id}/priority", "/v1/processes",
                                   "/v1/processes/{pid}/renice", "/v1/messages", "/v1/sys", "/v1/tools/{name}/call",
                                   "/v1/memory", "/v1/memory/recall", "/v1/conversations",
-                                  "/v1/conversations/{name}/messages")} | {("PUT", "/v1/kv/{key}")}
+                                  "/v1/conversations/{name}/messages", "/v1/adapters",
+                                  "/v1/cluster/scale")} | {("PUT", "/v1/kv/{key}")}
 CASES = [(m, p, n, mode) for m, p, n in OPERATIONS for mode in ("positive", "negative")
          if mode == "positive" or (m, p) in NEGATIVE]
 

@@ -34,7 +34,8 @@ class EngineLoop:
 
     def submit(self, prompt, params: SamplingParams | None, listener: Listener, **kw) -> Sequence:
         """Queue a request whose output goes to `listener`; kw as LLMEngine.add_request."""
-        prepared = self.engine.prepare_request(prompt, params)   # tokenize outside the lock
+        prepared = self.engine.prepare_request(prompt, params, adapter=kw.get("adapter"),   # tokenize outside the lock
+                                               tenant=kw.get("tenant", "default"))
         with self._locked():
             if self._stopping:
                 raise LLMOSError("the engine is shutting down")

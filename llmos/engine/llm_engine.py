@@ -14,12 +14,15 @@ import torch
 
 from llmos.config import EngineConfig
 from llmos.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from llmos.engine.lora import LoraWeights
 from llmos.engine.model_runner import ModelRunner, kv_bytes_per_block
 from llmos.engine.sampler import SampledToken, Sampler, SamplingRow, make_generator
-from llmos.errors import InvalidRequestError, PromptTooLongError
+from llmos.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
+from llmos.kernel.adapters import Adapter, AdapterInfo
 from llmos.kernel.kernel import Kernel
 from llmos.kernel.request import ScheduledSeq, Sequence
 from llmos.models.loader import load_model
+from llmos.models.lora_loader import LoraCheckpoint, load_lora
 from llmos.outputs import StreamDelta, TokenLogprob
 from llmos.sampling_params import SamplingParams
 
@@ -32,6 +35,7 @@ class PreparedRequest:
     token_ids: list[int]
     params: SamplingParams
     grammar: object | None = None        # a llmos.engine.guided.CompiledGuide
+    adapter_weights: LoraWeights | None = None   # its adapter read back from disk, when it had been evicted
 
 
 @dataclass
@@ -89,9 +93,11 @@ class LLMEngine:
         raise InvalidRequestError(
             f"prompt: expected a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}")
 
-    def prepare_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None
-                        ) -> PreparedRequest:
-        """Validation, tokenization and grammar compilation; safe on any thread."""
+    def prepare_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+                        adapter: str | None = None, tenant: str = "default") -> PreparedRequest:
+        """Validation, tokenization and grammar compilation, and reading back an evicted
+        adapter; safe on any thread."""
+        weights = self._adapter_for(adapter, tenant) if adapter is not None else None
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
@@ -104,19 +110,22 @@ class LLMEngine:
             from llmos.engine.guided import JsonBounds, compile_guide
             bounds = JsonBounds(self.config.json_max_digits, self.config.json_max_string_length)
             grammar = compile_guide(params.guided, self.tokenizer, bounds)   # a bad schema fails here
-        return PreparedRequest(text, ids, params, grammar)
+        return PreparedRequest(text, ids, params, grammar, weights)
 
     def add_request(self, prompt: str | list[int] | list[dict] | None = None, params: SamplingParams | None = None, *,
                     request_id: str | None = None, tenant: str = "default", priority: int = 0,
-                    prepared: PreparedRequest | None = None, **labels) -> Sequence:
-        """Queue a request; `labels` are Sequence fields naming its owner (group, weight,
-        owner_pid, user). Returns its control block."""
-        p = prepared or self.prepare_request(prompt, params)
+                    prepared: PreparedRequest | None = None, adapter: str | None = None, **labels) -> Sequence:
+        """Queue a request, through the LoRA `adapter` if one is named; `labels` are
+        Sequence fields naming its owner (group, weight, owner_pid, user). Returns its
+        control block."""
+        p = prepared or self.prepare_request(prompt, params, adapter=adapter, tenant=tenant)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request_id: {rid!r} is already in use")
+        if adapter is not None:
+            self._make_resident(adapter, p.adapter_weights)
         seq = Sequence(rid, p.prompt, p.token_ids, p.params, make_generator(p.params.seed, self._rng.getrandbits(63)),
-                       tenant=tenant, priority=priority, **labels)
+                       tenant=tenant, priority=priority, adapter=adapter, **labels)
         seq.io = OutputState(IncrementalDetokenizer(self.tokenizer, p.token_ids),
                              StopChecker(p.params.stop, p.params.include_stop_str_in_output),
                              p.grammar.new_guide() if p.grammar is not None else None)
@@ -134,6 +143,52 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt: {prompt_len} prompt tokens + max_tokens {max_tokens} = {total} can never fit the KV "
                 f"cache of {capacity} tokens (kv_cache_memory={self.config.kv_cache_memory} bytes)")
+
+    # -- LoRA adapters: the kernel keeps the table and the budget, the runner the weights ----
+    def read_adapter(self, path: str) -> tuple[LoraCheckpoint, LoraWeights]:
+        """An adapter file read, checked against the model and laid out for the engine;
+        touches no engine state, so callers do it on their own threads."""
+        ckpt = load_lora(path, self.model_config, self.config.max_lora_rank)
+        return ckpt, LoraWeights(ckpt, self.model_config, self.runner.device, self.runner.dtype)
+
+    def add_adapter(self, name: str, ckpt: LoraCheckpoint, weights: LoraWeights,
+                    tenants: list[str] | None = None) -> AdapterInfo:
+        """Register and make resident an adapter read by read_adapter; idle adapters may be
+        evicted to make room. `tenants`: who may use it (None: everyone)."""
+        row = Adapter(name, str(ckpt.path.resolve()), ckpt.format, ckpt.rank, ckpt.alpha, ckpt.targets,
+                      weights.nbytes, frozenset(tenants) if tenants is not None else None)
+        self._evict(self.kernel.adapters.register(row))
+        self.runner.lora.add(name, weights)
+        return AdapterInfo.of(row)
+
+    def remove_adapter(self, name: str) -> None:
+        self.kernel.adapters.remove(name)
+        self.runner.lora.drop(name)
+
+    def _adapter_for(self, name: str, tenant: str) -> LoraWeights | None:
+        """Checks the tenant may use the adapter; its weights read back if it was evicted."""
+        if not isinstance(name, str):
+            raise InvalidRequestError(f"adapter: expected an adapter name, got {type(name).__name__}")
+        row = self.kernel.adapters.check(name, tenant)
+        return None if row.resident else self._read_back(row)
+
+    def _read_back(self, row: Adapter) -> LoraWeights:
+        try:
+            return self.read_adapter(row.path)[1]
+        except ModelLoadError as e:
+            raise InvalidRequestError(f"adapter: {row.name!r} was evicted and cannot be read back: {e}") from None
+
+    def _make_resident(self, name: str, weights: LoraWeights | None) -> None:
+        row = self.kernel.adapters.get(name)
+        if row.resident:
+            return
+        weights = weights or self._read_back(row)
+        self._evict(self.kernel.adapters.reside(name, weights.nbytes))
+        self.runner.lora.add(name, weights)
+
+    def _evict(self, names: list[str]) -> None:
+        for name in names:
+            self.runner.lora.drop(name)
 
     def abort_request(self, request_id: str) -> bool:
         seq = self.requests.get(request_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from llmos.engine.lora import LoraBank
 from llmos.engine.transformer import AttentionMetadata, Transformer
 from llmos.kernel.request import ScheduledSeq, Sequence
 from llmos.models.config import ModelConfig
@@ -26,6 +27,7 @@ class ModelRunner:
         self.block_size = block_size
         self.model = Transformer(cfg, weights, max_model_len, self.device, self.dtype,
                                  _DTYPES[decode_dtype] if decode_dtype else None)
+        self.lora = LoraBank(cfg.num_layers)   # resident LoRA adapters, by name
         self.num_blocks = max(1, kv_cache_memory // kv_bytes_per_block(cfg, block_size, self.dtype))
         slots = self.num_blocks * block_size
         # One flat [slots, KVH, D] tensor per layer for K and for V; slot = block * size + offset.
@@ -93,7 +95,8 @@ class ModelRunner:
         """One forward pass for the whole batch; float32 logits on the CPU, one row per
         sequence that samples this step, in batch order."""
         input_ids, positions, meta, sample_idx = self.prepare(batch)
-        logits = self.model(input_ids, positions, self.kv_caches, meta, sample_idx)
+        lora = self.lora.plan([(item.seq.adapter, item.num_new_tokens) for item in batch], self.device)
+        logits = self.model(input_ids, positions, self.kv_caches, meta, sample_idx, lora)
         return logits.cpu()
 
     # -- context switching: copy a sequence's blocks out of the pool and back -------------

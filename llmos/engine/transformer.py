@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmos.engine.lora import LoraBatch
 from llmos.engine.paged_attention import paged_decode_attention, rope_and_store
 from llmos.models.config import ModelConfig
 
@@ -138,8 +139,9 @@ class Transformer(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, sample_idx: torch.Tensor) -> torch.Tensor:
-        """Runs all layers on the flat batch; returns float32 logits for the rows in sample_idx."""
+                meta: AttentionMetadata, sample_idx: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        """Runs all layers on the flat batch; returns float32 logits for the rows in sample_idx.
+        `lora` adds each row's adapter to the projections (None: no row has one)."""
         T = input_ids.shape[0]
         H, KVH, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         x = F.embedding(input_ids, self.embed)
@@ -148,12 +150,25 @@ class Transformer(torch.nn.Module):
             mats = self.small[i] if small else layer
             h = self._norm(x, layer["in_norm"])
             qkv = self._linear(h, mats["qkv"], layer["qkv_b"])
+            if lora is not None:
+                lora.add(i, "qkv", h, qkv)
             rope_and_store(qkv, positions, self.cos, self.sin, k_cache, v_cache, meta.slot_mapping, H, KVH, D)
             q = qkv[:, :self.q_size].view(T, H, D)
-            x = x + self._linear(self._attention(q, k_cache, v_cache, meta), mats["o"])
+            attn = self._attention(q, k_cache, v_cache, meta)
+            o = self._linear(attn, mats["o"])
+            if lora is not None:
+                lora.add(i, "o", attn, o)
+            x = x + o
             h = self._norm(x, layer["post_norm"])
-            gate, up = self._linear(h, mats["gate_up"]).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, mats["down"])
+            gate_up = self._linear(h, mats["gate_up"])
+            if lora is not None:
+                lora.add(i, "gate_up", h, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = self._linear(act, mats["down"])
+            if lora is not None:
+                lora.add(i, "down", act, down)
+            x = x + down
         h = self._norm(x[sample_idx], self.final_norm)
         return self._linear(h, self.small_lm_head if small else self.lm_head).float()
 

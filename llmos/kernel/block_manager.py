@@ -21,6 +21,12 @@ def block_hash(prev_hash: int | None, tokens: list[int] | tuple[int, ...]) -> in
     return hash((prev_hash, tuple(tokens)))
 
 
+def root_hash(seq: Sequence) -> int | None:
+    """What a sequence's first block hash chains from: nothing for the base model, the
+    adapter's registration under a LoRA adapter, so KV is never shared across adapters."""
+    return None if seq.adapter_id is None else hash(("lora", seq.adapter_id))
+
+
 class Block:
     __slots__ = ("block_id", "ref_count", "hash", "tokens")
 
@@ -97,7 +103,7 @@ class BlockManager:
             return [], []
         hits: list[int] = []
         spilled: list[tuple[int, tuple]] = []
-        prev: int | None = None
+        prev = root_hash(seq)
         tokens = seq.token_ids
         for i in range((len(tokens) - 1) // self.block_size):
             chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
@@ -186,7 +192,7 @@ class BlockManager:
         if last <= first:
             return
         tokens = seq.token_ids
-        prev = self.blocks[seq.block_table[first - 1]].hash if first > 0 else None
+        prev = self.blocks[seq.block_table[first - 1]].hash if first > 0 else root_hash(seq)
         if first > 0 and prev is None:
             return
         for i in range(first, last):

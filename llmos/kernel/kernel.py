@@ -10,6 +10,7 @@ import time
 from llmos.config import EngineConfig
 from llmos.errors import QueueFullError
 from llmos.kernel.accounting import Accounting
+from llmos.kernel.adapters import AdapterTable
 from llmos.kernel.block_manager import BlockManager
 from llmos.kernel.context_switch import ContextSwitcher, ReadBlocks, WriteBlocks
 from llmos.kernel.policy import Policy
@@ -39,6 +40,7 @@ class Kernel:
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.accounting = Accounting(self.tenants)
         self.bytes_per_block = bytes_per_block
+        self.adapters = AdapterTable(config.adapter_memory, config.max_loaded_adapters)
 
     # -- admission and control -------------------------------------------------------------
     def admit(self, seq: Sequence) -> None:
@@ -50,6 +52,8 @@ class Kernel:
             if queued >= bound:
                 raise QueueFullError(f"tenant {seq.tenant!r} already has {queued} requests waiting "
                                      f"(max_waiting={bound}); retry later")
+        if seq.adapter is not None:
+            seq.adapter_id = self.adapters.acquire(seq.adapter, seq.tenant, seq.request_id).uid
         self.requests.add(seq)
         self.scheduler.add(seq)
 
@@ -58,6 +62,8 @@ class Kernel:
         until its output has been delivered (`release`)."""
         seq.finish_reason = reason
         self.scheduler.remove(seq)
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter, seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.metrics.finished_time = time.time()
 

@@ -57,6 +57,8 @@ class Sequence:
     group_kv_quota: int | None = None  # KV blocks the group's running requests may hold at once
     owner_pid: int | None = None      # the agent process that made this request, if any
     user: str | None = None           # the end user the caller named (OpenAI's `user`)
+    adapter: str | None = None        # the LoRA adapter its tokens run through, by name
+    adapter_id: int | None = None     # that adapter's registration (kernel.adapters); seeds its prefix hashes
     created: int = field(default_factory=lambda: int(time.time()))
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -159,12 +161,14 @@ class RequestInfo:
     user: str | None
     created: int
     waiting_s: float = 0.0     # seconds spent queued (waiting or swapped out) so far
+    adapter: str | None = None  # the LoRA adapter it runs with
+    replica: int | None = None  # in a cluster, the engine replica that holds it
 
     @classmethod
     def of(cls, seq: Sequence) -> RequestInfo:
         return cls(seq.request_id, seq.tenant, seq.priority, seq.status.value, seq.num_prompt_tokens,
                    len(seq.output_token_ids), len(seq.block_table), seq.owner_pid, seq.user, seq.created,
-                   round(seq.waited(time.monotonic()), 3))
+                   round(seq.waited(time.monotonic()), 3), seq.adapter)
 
 
 class RequestTable:

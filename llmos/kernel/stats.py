@@ -170,3 +170,77 @@ class MemoryMap:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def merge_stats(parts: list[KernelStats]) -> KernelStats:
+    """One cluster's statistics from its replicas': counts and bytes add up, per-tenant rows
+    and histograms merge bucket by bucket, rates average. Each replica's own stays readable
+    from the cluster (`replica_stats`)."""
+    if not parts:
+        raise ValueError("merge_stats: no replicas")
+
+    def add(rows: list[dict]) -> dict:
+        out: dict = {}
+        for row in rows:
+            for k, v in row.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    tenants: dict[str, TenantStats] = {}
+    for p in parts:
+        for name, t in p.tenants.items():
+            if name not in tenants:
+                tenants[name] = dataclasses.replace(t)
+                continue
+            m = tenants[name]
+            for f in ("tokens_served", "prompt_tokens", "output_tokens", "kv_blocks"):
+                setattr(m, f, getattr(m, f) + getattr(t, f))
+            m.virtual_time = max(m.virtual_time, t.virtual_time)
+    hists: dict[str, dict[str, HistogramSnapshot]] = {}
+    for p in parts:
+        for name, per in p.histograms.items():
+            for tenant, h in per.items():
+                old = hists.setdefault(name, {}).get(tenant)
+                hists[name][tenant] = h if old is None else HistogramSnapshot(
+                    old.count + h.count, old.sum + h.sum, {b: c + h.buckets.get(b, 0) for b, c in old.buckets.items()},
+                    (old.sum + h.sum) / (old.count + h.count) if old.count + h.count else None)
+    by_tenant = {state: add([p.requests_by_tenant.get(state, {}) for p in parts])
+                 for state in {s for p in parts for s in p.requests_by_tenant}}
+    queries, hits = sum(p.prefix_cache.queries for p in parts), sum(p.prefix_cache.hits for p in parts)
+    first = parts[0]
+    return KernelStats(
+        requests=add([p.requests for p in parts]),
+        requests_by_tenant=by_tenant,
+        tenants=tenants,
+        tokens=TokenCounts(sum(p.tokens.prompt for p in parts), sum(p.tokens.generated for p in parts)),
+        steps=sum(p.steps for p in parts),
+        preemptions=add([p.preemptions for p in parts]),
+        swap=SwapStats(**add([dataclasses.asdict(p.swap) for p in parts])),
+        kv_blocks=KVBlockStats(**{**add([dataclasses.asdict(p.kv_blocks) for p in parts]),
+                                  "block_size": first.kv_blocks.block_size}),
+        prefix_cache=PrefixCacheStats(queries, hits, hits / queries if queries else 0.0,
+                                      sum(p.prefix_cache.restored for p in parts),
+                                      sum(p.prefix_cache.spilled for p in parts)),
+        scheduling_policy=first.scheduling_policy,
+        cost_model=CostModel(sum(p.cost_model.copy_bytes_per_s for p in parts) / len(parts),
+                             sum(p.cost_model.prefill_tokens_per_s for p in parts) / len(parts)),
+        histograms=hists,
+        process_tokens={pid: TokenCounts(*(sum(getattr(p.process_tokens[pid], f) for p in parts
+                                               if pid in p.process_tokens) for f in ("prompt", "generated")))
+                        for pid in {pid for p in parts for pid in p.process_tokens}})
+
+
+def merge_maps(maps: list[MemoryMap]) -> MemoryMap:
+    """A cluster's KV pools side by side, replica after replica, as one map."""
+    blocks, owners, shared, offset = [], [], [], 0
+    for m in maps:
+        base = len(owners)
+        blocks.extend(b + base if b >= 0 else b for b in m.blocks)
+        owners.extend(m.owners)
+        shared.extend(b + offset for b in m.shared)
+        offset += m.total
+    first = maps[0]
+    return MemoryMap(offset, first.block_size, first.block_bytes, blocks, owners, shared,
+                     [s for m in maps for s in m.swap], sum(m.swap_host_bytes for m in maps),
+                     sum(m.swap_host_budget for m in maps), sum(m.swap_disk_bytes for m in maps),
+                     sum(m.prefix_blocks for m in maps))

@@ -20,11 +20,12 @@ from llmos.server.agents import ProcessLLM
 from llmos.server.embeddings import Embedder
 from llmos.server.keys import KeyStore
 from llmos.server.monitor import Monitor
-from llmos.server.routers import (chat, completions, dashboard, embeddings, health, kernel, library, models,
-                                  processes)
+from llmos.server.routers import (adapters, chat, cluster, completions, dashboard, embeddings, health, kernel,
+                                  library, models, processes)
 from llmos.server.settings import Settings
 from llmos.server.sysgate import SyscallGate
 from llmos.server.state import ServerState
+from llmos.server.routers import fine_tuning
 from llmos.config import llmos_home
 from llmos.kernel.approvals import ApprovalBook
 from llmos.kernel.conversation import ConversationStore
@@ -57,9 +58,11 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
                                    max_restarts=s.max_restarts, restart_backoff=(0.1, s.restart_backoff_max),
                                    **services)
         gate = SyscallGate(sock, state.agents) if sock else None
+        jobs = fine_tuning.start(app, state)
         sampler = asyncio.get_running_loop().create_task(state.monitor.run(), name="llmos-monitor")
         yield
         sampler.cancel()
+        jobs.shutdown()
         if gate:
             gate.close()
         state.agents.shutdown()
@@ -73,8 +76,10 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
     app.state.llmos = state
     errors.install(app)
     for r in (chat.router, completions.router, embeddings.router, models.router, kernel.router, processes.router,
-              processes.sys_router, library.router, health.router, dashboard.router):
+              processes.sys_router, library.router, health.router, dashboard.router, adapters.router,
+              cluster.router):
         app.include_router(r)
+    app.include_router(fine_tuning.router)
     app.openapi = lambda: _openapi(app)
     return app
 

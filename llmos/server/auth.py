@@ -45,10 +45,10 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.llmos
 
 
-_bearer = HTTPBearer(auto_error=False, description="an llmos API key (`llmos keys create`)")
+bearer = HTTPBearer(auto_error=False, description="an llmos API key (`llmos keys create`)")
 
 
-def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                  state: ServerState = Depends(get_state)) -> Principal:
     if not state.settings.server.auth:
         return ANONYMOUS
@@ -67,7 +67,7 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
     return Principal(key.tenant, key.priority, key.weight, key.admin, key, key.priority)
 
 
-def authenticate_process(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+def authenticate_process(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                          state: ServerState = Depends(get_state)) -> Process:
     """The calling agent process, known by the token the supervisor handed it at spawn:
     identity comes from the kernel, never from what the agent says about itself."""

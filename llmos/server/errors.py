@@ -86,6 +86,10 @@ _KINDS = {
     "AlreadyDecided": (409, "invalid_request_error", "already_decided"),
     "VersionConflict": (409, "invalid_request_error", "version_conflict"),
     "MemoryFull": (413, "invalid_request_error", "quota_exceeded"),
+    "NoSuchAdapter": (404, "invalid_request_error", "adapter_not_found"),
+    "AdapterNotAllowed": (403, "permission_error", "adapter_not_allowed"),
+    "AdapterBusy": (409, "invalid_request_error", "adapter_in_use"),
+    "AdapterMemoryFull": (429, "rate_limit_error", "adapter_memory_full"),
 }
 
 

@@ -108,15 +108,16 @@ async def _disconnected(receive: Receive) -> None:
 
 
 def submit(state: ServerState, principal: Principal, base_id: str, jobs: Jobs,
-           priority: int, user: str | None) -> list[RequestHandle]:
-    """Queue one engine request per (prompt ids, params), ids base_id-0, base_id-1, ...
-    All or none: if one is refused, those already queued are cancelled. Blocking."""
+           priority: int, user: str | None, adapter: str | None = None) -> list[RequestHandle]:
+    """Queue one engine request per (prompt ids, params), ids base_id-0, base_id-1, ...,
+    each through the LoRA `adapter` if one is named. All or none: if one is refused,
+    those already queued are cancelled. Blocking."""
     state.set_weight(principal.tenant, principal.weight)
     handles: list[RequestHandle] = []
     try:
         for i, (ids, params) in enumerate(jobs):
             handles.append(state.llm.submit(ids, params, tenant=principal.tenant, priority=priority,
-                                             request_id=f"{base_id}-{i}", user=user))
+                                             request_id=f"{base_id}-{i}", user=user, adapter=adapter))
     except BaseException:
         for h in handles:
             h.cancel()
@@ -125,11 +126,11 @@ def submit(state: ServerState, principal: Principal, base_id: str, jobs: Jobs,
 
 
 async def start(state: ServerState, principal: Principal, permit: Permit, base_id: str,
-                jobs: Jobs, priority: int, user: str | None) -> Generation:
+                jobs: Jobs, priority: int, user: str | None, adapter: str | None = None) -> Generation:
     """Submit off the event loop and start carrying output. On failure the permit and the
     drain slot are given back before the error propagates."""
     try:
-        handles = await anyio.to_thread.run_sync(submit, state, principal, base_id, jobs, priority, user,
+        handles = await anyio.to_thread.run_sync(submit, state, principal, base_id, jobs, priority, user, adapter,
                                                  limiter=state.submit_limiter)
     except BaseException:
         permit.release()
@@ -145,11 +146,12 @@ def new_id(prefix: str) -> str:
 async def serve_generation(state: ServerState, request: Request, principal: Principal, body, *, id_prefix: str,
                            prepare: Callable[[], tuple[Jobs, int]],
                            stream: Callable[[Generation, str, int], AsyncIterator[str]],
-                           respond: Callable[[list[RequestOutput], str, int], object]):
+                           respond: Callable[[list[RequestOutput], str, int], object], adapter: str | None = None):
     """What every generation route does: take a drain slot, build the engine jobs and count
     the prompt tokens off the event loop (`prepare`), pass the rate limits, submit, then
     either stream events (`stream(gen, id, created)`) or wait and answer
-    (`respond(outputs, id, created)`). A client that hangs up cancels its generation."""
+    (`respond(outputs, id, created)`). A client that hangs up cancels its generation.
+    `adapter`: the LoRA adapter the model name chose (common.check_model)."""
     priority = principal.priority(body.priority)
     state.drain.admit()
     try:
@@ -159,7 +161,7 @@ async def serve_generation(state: ServerState, request: Request, principal: Prin
         state.drain.leave()
         raise
     rid = new_id(id_prefix)
-    gen = await start(state, principal, permit, rid, jobs, priority, body.user)
+    gen = await start(state, principal, permit, rid, jobs, priority, body.user, adapter)
     created = int(time.time())
     if body.stream:
         return EventStream(stream(gen, rid, created), gen.close, headers={"X-Request-Id": rid})

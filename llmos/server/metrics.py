@@ -77,6 +77,33 @@ class KernelCollector:
                                 value=self.state.drain.in_flight)
         if self.state.agents is not None:
             yield from self._agents()
+        if hasattr(self.state.llm, "replicas"):
+            yield from self._cluster()
+
+    def _cluster(self) -> Iterator[Metric]:
+        """Each engine replica of a cluster, by index (the totals above add them all up)."""
+        rows = self.state.llm.replicas()
+        up = GaugeMetricFamily("llmos_replica_up", "1 while the replica serves, 0 while it is down or draining",
+                               labels=["replica"])
+        inflight = GaugeMetricFamily("llmos_replica_requests", "Requests the router has running on each replica",
+                                     labels=["replica"])
+        kv = GaugeMetricFamily("llmos_replica_kv_blocks_used", "KV blocks in use on each replica", labels=["replica"])
+        restarts = CounterMetricFamily("llmos_replica_restarts", "Times each replica died and came back",
+                                       labels=["replica"])
+        for r in rows:
+            label = [str(r["index"])]
+            up.add_metric(label, 1 if r["state"] == "up" else 0)
+            inflight.add_metric(label, r["inflight"])
+            kv.add_metric(label, r["kv_used"])
+            restarts.add_metric(label, r["restarts"])
+        yield from (up, inflight, kv, restarts)
+        routing = self.state.llm.routing_stats()
+        yield CounterMetricFamily("llmos_router_requests", "Requests the cluster router placed", value=routing["routed"])
+        yield CounterMetricFamily("llmos_router_affinity_requests",
+                                  "Requests placed on a replica that held their leading prompt blocks",
+                                  value=routing["affinity_routed"])
+        yield GaugeMetricFamily("llmos_router_queued", "Requests waiting at the router for a replica",
+                                value=routing["queued"])
 
     def _agents(self) -> Iterator[Metric]:
         agents, guard = self.state.agents, self.state.guard

@@ -59,6 +59,7 @@ class Monitor:
         self._proc.cpu_percent(None)
         self._changed: asyncio.Condition | None = None
         self.version = 0
+        self._encoded: dict[tuple[int, str | None], str] = {}
 
     # -- sampling ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -153,6 +154,16 @@ class Monitor:
                 out.setdefault(tenant, {})[name] = _quantiles(delta)
             out.setdefault(None, {})[name] = _quantiles(total)
         return out
+
+    def encoded(self, version: int, scope: str | None, encode) -> str:
+        """Sample `version` as the feed sends it to `scope` (a tenant; None for admins),
+        encoded once however many dashboards of that scope watch."""
+        key = (version, scope)
+        if key not in self._encoded:
+            if len(self._encoded) > 64:
+                self._encoded.clear()
+            self._encoded[key] = encode()
+        return self._encoded[key]
 
     # -- what a key may see ---------------------------------------------------------------
     @staticmethod

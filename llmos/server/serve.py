@@ -47,15 +47,22 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> int:
-    from llmos.api.llm import LLM
     engine = dict(settings.engine)
-    llm = LLM(engine.pop("model"), **engine)
+    if settings.cluster.enabled:
+        from llmos.cluster.cluster import ClusterLLM
+        llm = ClusterLLM(engine.pop("model"), **settings.cluster.options(), **engine)
+    else:
+        from llmos.api.llm import LLM
+        llm = LLM(engine.pop("model"), **engine)
     app = create_app(settings, llm)
     state: ServerState = app.state.llmos
     s = settings.server
     url = f"http://{s.host if ':' not in s.host else f'[{s.host}]'}:{s.port}"
     auth = ""
     lines = [f"llmos is serving {state.model_name} (and {state.embedder.name} embeddings) at {url}"]
+    if settings.cluster.enabled:
+        lines.append(f"cluster: {len(llm.replicas())} engine replicas on Ray (`llmos cluster status`)")
+    lines.append(f"dashboard: {url}/   (`llmos top` in a terminal)")
     if s.auth:
         key = local_key(state.keys, s.keys_path.with_name("api_key"))
         auth = f' -H "Authorization: Bearer {key}"'

@@ -86,10 +86,46 @@ class ToolSettings:
 
 
 @dataclass
+class ClusterSettings:
+    """[cluster]: serve from engine replicas on Ray (`llmos serve --cluster [ADDRESS]`)."""
+    enabled: bool = False
+    address: str = ""                 # a Ray cluster ("auto", "ray://host:10001", host:port); "" = start a local one
+    replicas: int = 2
+    cpus_per_replica: float = 1.0     # Ray CPU resources each replica reserves
+    threads_per_replica: int = 1      # torch threads inside each replica
+    gpus_per_replica: float = 0.0
+    max_inflight_per_replica: int = 0 # requests running on one replica at once; more wait at the router (0 = max_num_seqs)
+    affinity_slack: int = 4           # requests of extra load a prefix-cache match may cost before load wins
+    routing: str = "affinity"         # affinity (prefix cache + sessions, balanced by load) | round_robin
+
+    def __post_init__(self) -> None:
+        if self.routing not in ("affinity", "round_robin"):
+            raise InvalidRequestError(f"cluster.routing: expected affinity or round_robin, got {self.routing!r}")
+        if not isinstance(self.enabled, bool):
+            raise InvalidRequestError(f"cluster.enabled: must be true or false, got {self.enabled!r}")
+        if not isinstance(self.address, str):
+            raise InvalidRequestError(f"cluster.address: must be a string, got {self.address!r}")
+        integer("cluster.replicas", self.replicas, 1, 1024)
+        integer("cluster.threads_per_replica", self.threads_per_replica, 1, 1024)
+        integer("cluster.max_inflight_per_replica", self.max_inflight_per_replica, 0)
+        integer("cluster.affinity_slack", self.affinity_slack, 0)
+        number("cluster.cpus_per_replica", self.cpus_per_replica, 0)
+        number("cluster.gpus_per_replica", self.gpus_per_replica, 0)
+
+    def options(self) -> dict:
+        """ClusterLLM's keyword arguments."""
+        return {"replicas": self.replicas, "address": self.address or None, "cpus_per_replica": self.cpus_per_replica,
+                "threads_per_replica": self.threads_per_replica, "gpus_per_replica": self.gpus_per_replica,
+                "max_inflight_per_replica": self.max_inflight_per_replica or None,
+                "affinity_slack": self.affinity_slack, "routing": self.routing}
+
+
+@dataclass
 class Settings:
     engine: dict = field(default_factory=dict)      # EngineConfig keyword arguments
     server: ServerSettings = field(default_factory=ServerSettings)
     tools: ToolSettings = field(default_factory=ToolSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     mcp_servers: list = field(default_factory=list)  # [[mcp_servers]]: name and command (argv list) or url
 
     def __post_init__(self) -> None:
@@ -125,7 +161,7 @@ class Settings:
         """The effective configuration. TOML has no null, so unset settings appear as comments."""
         out = []
         for name, values in (("engine", self.engine), ("server", dataclasses.asdict(self.server)),
-                             ("tools", dataclasses.asdict(self.tools))):
+                             ("tools", dataclasses.asdict(self.tools)), ("cluster", dataclasses.asdict(self.cluster))):
             out.append(tomli_w.dumps({name: {k: v for k, v in values.items() if v is not None}})
                        + "".join(f"# {k} is unset\n" for k, v in values.items() if v is None))
         if self.mcp_servers:
@@ -145,7 +181,7 @@ def is_loopback(host: str) -> bool:
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Settings:
     """Defaults, then the TOML file, then `overrides` ({"engine.model": ..., "server.port": ...})."""
-    sections: dict[str, dict] = {"engine": {}, "server": {}, "tools": {}}
+    sections: dict[str, dict] = {"engine": {}, "server": {}, "tools": {}, "cluster": {}}
     mcp_servers: list = []
     if path is not None:
         try:
@@ -156,7 +192,7 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
         unknown = sorted(set(data) - set(sections))
         if unknown:
             raise InvalidRequestError(f"config {path}: unknown section(s) {unknown}; known: engine, server, tools, "
-                                      f"mcp_servers")
+                                      f"cluster, mcp_servers")
         for name, values in data.items():
             if not isinstance(values, dict):
                 raise InvalidRequestError(f"config {path}: [{name}] must be a table")
@@ -164,13 +200,16 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in sections or not key:
-            raise InvalidRequestError(f"setting {dotted!r}: expected engine.<name>, server.<name> or tools.<name>")
+            raise InvalidRequestError(f"setting {dotted!r}: expected engine.<name>, server.<name>, tools.<name> or "
+                                      f"cluster.<name>")
         sections[section][key] = value
     engine_fields = [f for f in dataclasses.fields(EngineConfig)]
     known_engine = {f.name for f in engine_fields}
     known_server = {f.name for f in dataclasses.fields(ServerSettings)}
     known_tools = {f.name for f in dataclasses.fields(ToolSettings)}
-    for section, known in (("engine", known_engine), ("server", known_server), ("tools", known_tools)):
+    known_cluster = {f.name for f in dataclasses.fields(ClusterSettings)}
+    for section, known in (("engine", known_engine), ("server", known_server), ("tools", known_tools),
+                           ("cluster", known_cluster)):
         unknown = sorted(set(sections[section]) - known)
         if unknown:
             raise InvalidRequestError(f"[{section}]: unknown setting(s) {unknown}; known: {sorted(known)}")
@@ -178,4 +217,5 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
     engine.update(SERVER_ENGINE_DEFAULTS)
     engine.update(sections["engine"])
     EngineConfig(**{**engine, "device": "cpu"})   # validate now; "auto" is resolved when the engine starts
-    return Settings(engine, ServerSettings(**sections["server"]), ToolSettings(**sections["tools"]), mcp_servers)
+    return Settings(engine, ServerSettings(**sections["server"]), ToolSettings(**sections["tools"]),
+                    ClusterSettings(**sections["cluster"]), mcp_servers)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from llmos.outputs import StreamDelta
 from llmos.server.auth import Principal, authenticate, get_state
-from llmos.server.errors import error_body
+from llmos.server.errors import bad_request, error_body
 from llmos.server.generation import Generation, serve_generation, sse
 from llmos.server.logprobs import chat_logprobs
 from llmos.server.prompts import chat_prompt, response_format_spec, sampling_params
@@ -34,7 +34,10 @@ router = APIRouter(tags=["openai"])
              responses={200: {"content": event_stream(ChatCompletionChunk)}, **GENERATION_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal = Depends(authenticate),
                            state: ServerState = Depends(get_state)):
-    check_model(state, body.model)
+    adapter = check_model(state, body.model)
+    if adapter is not None and body.llmos_execute:
+        raise bad_request("llmos_execute: the server-side tool loop runs the base model; drop the adapter "
+                          "from `model` or run the loop on the client", "llmos_execute")
     if body.tools and any(isinstance(t, LlmosTool) for t in body.tools):
         library_tools = [state.agents.library.get(t.name) if isinstance(t, LlmosTool) else None for t in body.tools]
         if body.llmos_execute:
@@ -72,7 +75,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
                               usage=Usage.of(prompt_len, outputs))
 
     return await serve_generation(state, request, principal, body, id_prefix="chatcmpl", prepare=prepare,
-                                  stream=stream, respond=respond)
+                                  stream=stream, respond=respond, adapter=adapter)
 
 
 async def _events(gen: Generation, cid: str, created: int, model: str, prompt_tokens: int,

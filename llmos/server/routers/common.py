@@ -27,11 +27,28 @@ def event_stream(chunk: type[BaseModel]) -> dict:
         "properties": {"data": {"anyOf": [{"const": "[DONE]"}, event]}}}}}
 
 
-def check_model(state: ServerState, name: str, kind: str = "generation") -> None:
-    """404 for a model this server does not serve; 400 for one that cannot do `kind`."""
+def check_model(state: ServerState, name: str, kind: str = "generation") -> str | None:
+    """The LoRA adapter a model name selects -- "BASE:ADAPTER" (its id in /v1/models) or
+    the adapter's bare name -- or None for the base model. 404 for a model or adapter this
+    server does not serve; 400 for one that cannot do `kind`."""
     served = {state.model_name: "generation", state.embedder.name: "embeddings"}
-    if name not in served:
-        raise APIError(404, f"model: {name!r} is not served here; available: {', '.join(served)}", param="model",
-                       code="model_not_found")
-    if served[name] != kind:
-        raise APIError(400, f"model: {name!r} does not do {kind}", param="model", code="invalid_model")
+    if name in served:
+        if served[name] != kind:
+            raise APIError(400, f"model: {name!r} does not do {kind}", param="model", code="invalid_model")
+        return None
+    base, sep, adapter = name.rpartition(":")
+    if kind == "generation" and sep and base == state.model_name:
+        if state.llm.adapter(adapter) is None:
+            raise APIError(404, f"model: {state.model_name} has no adapter {adapter!r} loaded; "
+                                f"see /v1/adapters", param="model", code="adapter_not_found")
+        return adapter
+    if kind == "generation" and not sep and state.llm.adapter(name) is not None:
+        return name
+    raise APIError(404, f"model: {name!r} is not served here; available: {', '.join(served)} "
+                        f"(and {state.model_name}:ADAPTER for each loaded LoRA adapter)", param="model",
+                   code="model_not_found")
+
+
+def adapter_model_id(state: ServerState, adapter: str) -> str:
+    """An adapter's model id, as /v1/models lists it and requests name it."""
+    return f"{state.model_name}:{adapter}"

@@ -24,7 +24,7 @@ router = APIRouter(tags=["openai"])
              responses={200: {"content": event_stream(Completion)}, **GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(authenticate),
                       state: ServerState = Depends(get_state)):
-    check_model(state, body.model)
+    adapter = check_model(state, body.model)
     tokenizer = state.llm.get_tokenizer()
     echoes: list[str] = []
     prompt_tokens = 0
@@ -54,7 +54,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
                           usage=Usage.of(prompt_tokens, outputs))
 
     return await serve_generation(state, request, principal, body, id_prefix="cmpl", prepare=prepare,
-                                  stream=stream, respond=respond)
+                                  stream=stream, respond=respond, adapter=adapter)
 
 
 async def _events(gen: Generation, cid: str, created: int, model: str, prompt_tokens: int,

@@ -88,7 +88,9 @@ async def spawn(body: SpawnRequest, principal: Principal = Depends(authenticate)
 async def list_processes(all: bool = False, principal: Principal = Depends(authenticate),
                          state: ServerState = Depends(get_state)) -> dict:
     rows = state.agents.table.list(None if principal.admin else principal.tenant, include_exited=all)
-    return {"object": "list", "data": [p.to_dict() for p in rows]}
+    depths = await _run(state.agents.ipc.depths)
+    return {"object": "list", "data": [{**p.to_dict(), "mailbox_depth": depths.get((p.tenant, p.name), 0)}
+                                       for p in rows]}
 
 
 @router.get("/v1/processes/{pid}", responses=errors(400, 401, 404))

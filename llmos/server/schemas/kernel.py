@@ -19,6 +19,9 @@ class KernelRequest(BaseModel):
     user: str | None = None
     created: int | None = None
     waiting_s: float = Field(0.0, description="seconds spent queued (waiting or swapped out) so far")
+    adapter: str | None = Field(None, description="the LoRA adapter it runs through, if any")
+    replica: int | None = Field(None, description="in a cluster (`llmos serve --cluster`), the engine replica "
+                                                  "that holds it; none while the router still queues it")
 
 
 class KernelRequestList(BaseModel):

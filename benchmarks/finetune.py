@@ -1,0 +1,260 @@
+"""Fine-tuning: what a LoRA fine-tune learns and costs, and what it costs serving.
+
+Learning: a fine-tune of the default model (rank 16 on every projection, lr 2e-3, batch 4)
+on N made-up product -> price facts (llmos.train.synthetic, fixed seed), chat records in one
+question phrasing ("How much does the X cost?"); validation on a held-out phrasing ("What is
+the price of the X?") of 50 of the facts. Reported: training tokens/s (every token of every
+example, prompt included), seconds per epoch, validation loss by epoch, and held-out
+exact-match accuracy (the greedy answer states the right price) before and after, by
+transformers + PEFT and, after, served by `llmos serve` through the OpenAI API.
+
+Serving beside training: one `llmos serve` and a closed-loop streaming chat workload over
+HTTP (8 clients, each sending its next request when the last is answered; 64 tokens, EOS
+ignored; tokens counted as they arrive). A fine-tuning worker process runs beside it, started as the job runner starts it
+(SCHED_IDLE); windows of `--window` s alternate A (the worker SIGSTOPped: no training) and
+B (the worker running), `--rounds` times, then the same with a worker left at normal
+priority (C). Medians of serving output tokens/s, their ratio to A, and the training
+tokens/s the worker got in the same windows; and the worker alone, with no serving load.
+
+    python benchmarks/finetune.py [--facts 200] [--epochs 8] [--rounds 3] [--window 20] [--quick] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import LocalServer, cpu_seconds, markdown_table, write_section  # noqa: E402
+from llmos.train import synthetic  # noqa: E402
+
+MODEL = "smollm2-135m"
+SYSTEM = "Answer briefly."
+TRAIN_Q, HELD_OUT_Q = synthetic.QUESTIONS[0], synthetic.QUESTIONS[1]
+SETTINGS = dict(rank=16, lr=2e-3, batch_size=4)
+CLIENTS, MAX_TOKENS = 8, 64
+
+
+def records(facts, question) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": SYSTEM}] + r["messages"]}
+            for r in synthetic.chat_records(facts, [question])]
+
+
+def conversation(name: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": HELD_OUT_Q.format(name=name)}]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# -- learning ---------------------------------------------------------------------------------------
+
+def learn(tmp: Path, facts, epochs: int) -> dict:
+    from llmos.models.loader import load_model
+    from llmos.train.finetune import Finetune, FinetuneConfig
+    loaded = load_model(MODEL)
+    data = write_jsonl(tmp / "train.jsonl", records(facts, TRAIN_Q))
+    val = write_jsonl(tmp / "val.jsonl", records(facts[:50], HELD_OUT_Q))
+    ft = Finetune(FinetuneConfig(data=str(data), val_data=str(val), out=str(tmp / "adapter"), epochs=epochs,
+                                 **SETTINGS), loaded=loaded)
+    questions = [conversation(n) for n, _ in facts]
+    before = synthetic.accuracy(synthetic.greedy_answers(ft.model, loaded.tokenizer, questions), facts)
+    events: list[dict] = []
+    t0 = time.perf_counter()
+    summary = ft.run(lambda e: (events.append(e), print(_line(e), flush=True) if e["type"] == "eval" else None))
+    seconds = time.perf_counter() - t0
+    after = synthetic.accuracy(synthetic.greedy_answers(ft.model, loaded.tokenizer, questions), facts)
+    steps = [e for e in events if e["type"] == "step"]
+    train_tokens = sum(e["tokens"] for e in steps)
+    step_seconds = steps[-1]["elapsed"] if steps else seconds
+    return {"before": before, "after": after, "val": [(e["epoch"], e["val_loss"]) for e in events if e["type"] == "eval"],
+            "tokens_per_s": train_tokens / step_seconds, "epoch_s": seconds / epochs, "seconds": seconds,
+            "examples": len(ft.train_set), "tokens_per_epoch": train_tokens / epochs, "out": tmp / "adapter",
+            "final_train_loss": summary["train_loss"]}
+
+
+def _line(e: dict) -> str:
+    return f"  epoch {e['epoch']:.0f}: validation loss {e['val_loss']:.4f}"
+
+
+def served_accuracy(server: LocalServer, adapter: Path, facts) -> float:
+    http = httpx.Client(base_url=server.url, timeout=300)
+    r = http.post("/v1/adapters", json={"name": "prices", "path": str(adapter)})
+    r.raise_for_status()
+
+    def ask(name: str) -> str:
+        r = http.post("/v1/chat/completions", json={"model": f"{MODEL}:prices", "messages": conversation(name),
+                                                    "max_tokens": 16, "temperature": 0})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, [n for n, _ in facts]))
+    http.delete("/v1/adapters/prices")
+    return synthetic.accuracy(replies, facts)
+
+
+# -- serving beside training ------------------------------------------------------------------------
+
+class Worker:
+    """A fine-tuning worker process (python -m llmos.train.worker), as the job runner starts
+    it; its step events are kept with the time they arrived."""
+
+    def __init__(self, tmp: Path, facts, priority: str) -> None:
+        data = write_jsonl(tmp / f"worker-{priority}.jsonl", records(facts, TRAIN_Q))
+        spec = {"data": str(data), "out": str(tmp / f"worker-{priority}"), "epochs": 1000, "val_split": 0.0,
+                "save_every": 10**9, "priority": priority, **SETTINGS}
+        (tmp / f"spec-{priority}.json").write_text(json.dumps(spec))
+        self.proc = subprocess.Popen([sys.executable, "-m", "llmos.train.worker", str(tmp / f"spec-{priority}.json")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.steps: list[tuple[float, int]] = []
+        self.scheduling = None
+        self.started = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.started.wait(300):
+            raise RuntimeError("the worker did not start training")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            e = json.loads(line)
+            if e["type"] == "priority":
+                self.scheduling = e["scheduling"]
+            elif e["type"] == "step":
+                self.steps.append((time.monotonic(), e["tokens"]))
+                self.started.set()
+            elif e["type"] == "error":
+                raise RuntimeError(e["message"])
+
+    def tokens_between(self, t0: float, t1: float) -> int:
+        return sum(n for t, n in self.steps if t0 <= t < t1)
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def serve_window(server: LocalServer, seconds: float) -> float:
+    """Output tokens/s of the closed-loop workload over one window: streamed tokens that
+    arrived inside it (one per chunk), over its length. Streams still open at the end are closed."""
+    stop_at = time.monotonic() + seconds
+    tokens = [0] * CLIENTS
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+            "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0.7, "stream": True}
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            while time.monotonic() < stop_at:
+                with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if time.monotonic() >= stop_at:
+                            return
+                        if line.startswith("data: {"):
+                            choices = json.loads(line[6:]).get("choices") or [{}]
+                            tokens[i] += bool(choices[0].get("delta", {}).get("content"))
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(client, range(CLIENTS)))
+    return sum(tokens) / seconds
+
+
+def beside(server: LocalServer, tmp: Path, facts, priority: str, rounds: int, window: float) -> dict:
+    """A (worker stopped) and B (worker running) windows, interleaved."""
+    worker = Worker(tmp, facts, priority)
+    try:
+        t0 = time.monotonic()
+        time.sleep(window / 2)
+        alone = worker.tokens_between(t0, time.monotonic()) / (time.monotonic() - t0)
+        a, b, train = [], [], []
+        for _ in range(rounds):
+            worker.signal(signal.SIGSTOP)
+            a.append(serve_window(server, window))
+            worker.signal(signal.SIGCONT)
+            t0 = time.monotonic()
+            b.append(serve_window(server, window))
+            train.append(worker.tokens_between(t0, time.monotonic()) / (time.monotonic() - t0))
+            print(f"  {priority}: serving {a[-1]:.1f} tok/s without training, {b[-1]:.1f} with; "
+                  f"training {train[-1]:.1f} tok/s", flush=True)
+        return {"scheduling": worker.scheduling, "a": a, "b": b, "train": train, "alone": alone}
+    finally:
+        worker.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--window", type=float, default=20.0)
+    ap.add_argument("--quick", action="store_true", help="40 facts, 2 epochs, 1 round of 10 s windows")
+    ap.add_argument("--write", action="store_true", help="add the results to docs/benchmarks.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.facts, args.epochs, args.rounds, args.window = 40, 2, 1, 10.0
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    facts = synthetic.products(args.facts, seed=1)
+    busy0, own0 = cpu_seconds()
+    wall0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        print(f"learning {args.facts} facts for {args.epochs} epochs", flush=True)
+        learned = learn(tmp, facts, args.epochs)
+        server = LocalServer(tmp / "server", engine={"kv_cache_memory": "512MiB"})
+        try:
+            served = served_accuracy(server, learned["out"], facts)
+            serve_window(server, 5.0)                       # warm-up
+            idle = beside(server, tmp, facts, "idle", args.rounds, args.window)
+            normal = beside(server, tmp, facts, "normal", args.rounds, args.window)
+        finally:
+            server.stop()
+    busy1, own1 = cpu_seconds()
+    others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.monotonic() - wall0)
+
+    val = ", ".join(f"{v:.3f}" for _, v in learned["val"])
+    learn_table = markdown_table(
+        ["facts", "epochs", "train tokens/epoch", "training tokens/s", "s/epoch", "held-out accuracy before",
+         "after (transformers+PEFT)", "after (served over HTTP)"],
+        [[args.facts, args.epochs, round(learned["tokens_per_epoch"]), learned["tokens_per_s"], learned["epoch_s"],
+          learned["before"], learned["after"], served]])
+    a = float(np.median(idle["a"] + normal["a"]))
+    rows = [["no fine-tune (worker stopped)", a, 1.0, "-"],
+            [f"fine-tune at {idle['scheduling']} (the job runner's)", float(np.median(idle["b"])),
+             float(np.median(idle["b"])) / float(np.median(idle["a"])), float(np.median(idle["train"]))],
+            ["fine-tune at normal priority", float(np.median(normal["b"])),
+             float(np.median(normal["b"])) / float(np.median(normal["a"])), float(np.median(normal["train"]))]]
+    serve_table = markdown_table(["condition", "serving output tok/s (median)", "ratio to no fine-tune",
+                                  "training tok/s meanwhile (median)"], rows)
+    body = (f"Validation loss (held-out phrasing of 50 facts) by epoch: {val}.\n\n{learn_table}\n\n"
+            f"Serving beside a fine-tune: {CLIENTS} closed-loop HTTP chat clients, {MAX_TOKENS} tokens each, "
+            f"{args.rounds} rounds of {args.window:g} s windows, A B interleaved per condition. The worker alone "
+            f"(no serving load) trains at {idle['alone']:.0f} tok/s (SCHED_IDLE) and {normal['alone']:.0f} tok/s "
+            f"(normal).\n\n{serve_table}\n\nOther processes kept {others:.2f} cores busy on average during the run.")
+    print(body)
+    if args.write:
+        command = "python benchmarks/finetune.py " + " ".join(sys.argv[1:])
+        write_section("Fine-tuning", command.strip(), body)
+
+
+if __name__ == "__main__":
+    main()
