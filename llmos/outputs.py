@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from llmos.errors import LLMOSError
 
 
 @dataclass
@@ -68,3 +73,35 @@ class StreamDelta:
     finished: bool
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+
+
+class OutputStream:
+    """What a request hands its caller over time: deltas to iterate as they come, then one
+    output, or the error that ended it. One producer, any number of reading threads.
+    Subclasses (the engine's and the cluster's request handles) name the request."""
+
+    request_id: str
+
+    def __init__(self) -> None:
+        self._deltas: queue.SimpleQueue[StreamDelta] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._output: RequestOutput | None = None
+        self._error: Exception | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        if self._error is not None:
+            raise LLMOSError(f"request {self.request_id} failed: {self._error}") from self._error
+        return self._output
+
+    def __iter__(self) -> Iterator[StreamDelta]:
+        while True:
+            delta = self._deltas.get()
+            yield delta
+            if delta.finished:
+                return

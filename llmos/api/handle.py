@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterator
-
 from llmos.engine.engine_loop import EngineLoop
-from llmos.errors import LLMOSError
 from llmos.kernel.request import Sequence
-from llmos.outputs import RequestMetrics, RequestOutput, StreamDelta
+from llmos.outputs import OutputStream, RequestMetrics, RequestOutput, StreamDelta
 
 
-class RequestHandle:
+class RequestHandle(OutputStream):
     """Thread-safe: the engine thread pushes deltas in, any thread reads them out. Steering
     calls take effect at the next step boundary."""
 
     def __init__(self, loop: EngineLoop) -> None:
+        super().__init__()
         self._loop = loop
         self._seq: Sequence | None = None
-        self._deltas: queue.SimpleQueue[StreamDelta] = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._output: RequestOutput | None = None
-        self._error: Exception | None = None
 
     # the Listener interface, called by the engine loop
     def attach(self, seq: Sequence) -> None:
@@ -49,24 +41,6 @@ class RequestHandle:
     @property
     def owner_pid(self) -> int | None:
         return self._seq.owner_pid
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> RequestOutput:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
-        if self._error is not None:
-            raise LLMOSError(f"request {self.request_id} failed: {self._error}") from self._error
-        return self._output
-
-    def __iter__(self) -> Iterator[StreamDelta]:
-        while True:
-            delta = self._deltas.get()
-            yield delta
-            if delta.finished:
-                return
 
     def cancel(self) -> bool:
         return self._loop.call(lambda e: e.abort_request(self.request_id))

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from llmos.errors import LLMOSError
 from llmos.kernel.request import RequestInfo
-from llmos.outputs import RequestMetrics, RequestOutput, StreamDelta
+from llmos.outputs import OutputStream, RequestMetrics, RequestOutput, StreamDelta
 from llmos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -23,11 +21,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmos.cluster")
 
 
-class ClusterHandle:
+class ClusterHandle(OutputStream):
     """A request's handle in the cluster: the same interface as `RequestHandle`."""
 
     def __init__(self, cluster: ClusterLLM, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  labels: dict, session: str | None) -> None:
+        super().__init__()
         self.cluster = cluster
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -48,37 +47,15 @@ class ClusterHandle:
         self._status = "waiting"
         self._suspended = False
         self._cancelled = False
-        self._deltas: queue.SimpleQueue[StreamDelta] = queue.SimpleQueue()
         self._granted = threading.Event()
-        self._done = threading.Event()
-        self._output: RequestOutput | None = None
-        self._error: Exception | None = None
         self._queued_at = time.monotonic()
         self._pending_finish: StreamDelta | None = None
         self._charged = False     # its full cost (prompt + max_tokens) is on its tenant's clock
 
     # -- the caller's side (as RequestHandle) ------------------------------------------------
     @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
     def status(self) -> str:
         return self._status
-
-    def result(self, timeout: float | None = None) -> RequestOutput:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
-        if self._error is not None:
-            raise LLMOSError(f"request {self.request_id} failed: {self._error}") from self._error
-        return self._output
-
-    def __iter__(self) -> Iterator[StreamDelta]:
-        while True:
-            delta = self._deltas.get()
-            yield delta
-            if delta.finished:
-                return
 
     def cancel(self) -> bool:
         return self.cluster._act(self, "cancel")

@@ -154,7 +154,7 @@ async def kv_get(key: str, principal: Principal = Depends(authenticate),
     return {"key": key, **item}
 
 
-@router.put("/v1/kv/{key:path}", responses=errors(400, 401, 409, 413))
+@router.put("/v1/kv/{key:path}", responses=errors(400, 401, 404, 409, 413))
 async def kv_put(key: str, body: KVPut, principal: Principal = Depends(authenticate),
                  state: ServerState = Depends(get_state)) -> dict:
     version = await _run(state.agents.kv.put, principal.tenant, key, body.value, body.if_version)
