@@ -10,10 +10,10 @@ transformers + PEFT and, after, served by `llmos serve` through the OpenAI API.
 
 Serving beside training: one `llmos serve` and a closed-loop streaming chat workload over
 HTTP (8 clients, each sending its next request when the last is answered; 64 tokens, EOS
-ignored; tokens counted as they arrive). A fine-tuning worker process runs beside it, started as the job runner starts it
-(SCHED_IDLE); windows of `--window` s alternate A (the worker SIGSTOPped: no training) and
-B (the worker running), `--rounds` times, then the same with a worker left at normal
-priority (C). Medians of serving output tokens/s, their ratio to A, and the training
+ignored; tokens counted as they arrive). A fine-tuning worker process runs beside it,
+started as the job runner starts it (SCHED_IDLE); windows of `--window` s alternate A (the
+worker SIGSTOPped: no training) and B (the worker running), `--rounds` times, then the same
+with a worker left at normal priority. Medians of serving output tokens/s, their ratio to A, and the training
 tokens/s the worker got in the same windows; and the worker alone, with no serving load.
 
     python benchmarks/finetune.py [--facts 200] [--epochs 8] [--rounds 3] [--window 20] [--quick] [--write]
@@ -68,7 +68,8 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def learn(tmp: Path, facts, epochs: int) -> dict:
     from llmos.models.loader import load_model
-    from llmos.train.finetune import Finetune, FinetuneConfig
+    from llmos.train.config import FinetuneConfig
+    from llmos.train.finetune import Finetune
     loaded = load_model(MODEL)
     data = write_jsonl(tmp / "train.jsonl", records(facts, TRAIN_Q))
     val = write_jsonl(tmp / "val.jsonl", records(facts[:50], HELD_OUT_Q))
@@ -83,8 +84,9 @@ def learn(tmp: Path, facts, epochs: int) -> dict:
     after = synthetic.accuracy(synthetic.greedy_answers(ft.model, loaded.tokenizer, questions), facts)
     steps = [e for e in events if e["type"] == "step"]
     train_tokens = sum(e["tokens"] for e in steps)
-    step_seconds = steps[-1]["elapsed"] if steps else seconds
-    return {"before": before, "after": after, "val": [(e["epoch"], e["val_loss"]) for e in events if e["type"] == "eval"],
+    step_seconds = sum(e["seconds"] for e in steps)         # the steps alone, not validation
+    val = [(e["epoch"], e["val_loss"]) for e in events if e["type"] == "eval"]
+    return {"before": before, "after": after, "val": val,
             "tokens_per_s": train_tokens / step_seconds, "epoch_s": seconds / epochs, "seconds": seconds,
             "examples": len(ft.train_set), "tokens_per_epoch": train_tokens / epochs, "out": tmp / "adapter",
             "final_train_loss": summary["train_loss"]}

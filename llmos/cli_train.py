@@ -24,7 +24,7 @@ def cmd_finetune(args) -> int:
 
 
 def _config(args):
-    from llmos.train.finetune import FinetuneConfig
+    from llmos.train.config import FinetuneConfig
     resume = args.resume if args.resume not in (None, "latest") else args.resume == "latest"
     return FinetuneConfig(
         data=args.data, out=args.out, model=args.model, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
@@ -98,13 +98,15 @@ def _submit(args) -> int:
         job = s.request("GET", f"/v1/fine_tuning/jobs/{job['id']}").json()
         bar.total = job.get("total_steps") or bar.total
         bar.n = job.get("step", 0)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in (job.get("metrics") or {}).items() if k in ("train_loss", "val_loss")})
+        metrics = job.get("metrics") or {}
+        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("train_loss", "val_loss") if k in metrics})
     bar.close()
     if job["status"] != "succeeded":
         print(f"llmos: error: job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}",
               file=sys.stderr)
         return 1
-    print(f"{job['id']}: succeeded" + (f"; serving as {job['fine_tuned_model']}" if job.get("fine_tuned_model") else ""))
+    served = f"; serving as {job['fine_tuned_model']}" if job.get("fine_tuned_model") else ""
+    print(f"{job['id']}: succeeded{served}")
     return 0
 
 
@@ -143,7 +145,7 @@ def _server_arg(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub) -> None:
     from llmos.config import EngineConfig
-    from llmos.train.finetune import LORA_TARGETS, SCHEDULES
+    from llmos.train.config import LORA_TARGETS, SCHEDULES
     p = sub.add_parser("finetune", help="train a LoRA adapter from a JSONL file (chat or prompt/completion records)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="JSONL: {\"messages\": [...]} or {\"prompt\", \"completion\"} a line")

@@ -25,8 +25,9 @@ from llmos.cli import main as cli
 from llmos.errors import InvalidRequestError
 from llmos.train import synthetic
 from llmos.train.synthetic import accuracy, greedy_answers
-from llmos.train.dataset import IGNORE, build_examples, encode_record
-from llmos.train.finetune import Finetune, FinetuneConfig
+from llmos.train.dataset import IGNORE, encode_record
+from llmos.train.config import FinetuneConfig
+from llmos.train.finetune import Finetune
 from test_server import MODEL, ServerProcess, wait_for
 
 SYSTEM = "Answer briefly."
@@ -96,16 +97,12 @@ def trained(tmp_path_factory, loaded_default):
     out = tmp_path_factory.mktemp("facts")
     data = write_jsonl(out / "train.jsonl", records(FACTS, TRAIN_Q))
     val = write_jsonl(out / "val.jsonl", records(FACTS[:8], HELD_OUT_Q))
-    import time as _t; print("\nT start", _t.time(), flush=True)
     ft = Finetune(FinetuneConfig(data=str(data), val_data=str(val), out=str(out / "adapter"), **SETTINGS),
                   loaded=loaded_default)
     tok = loaded_default.tokenizer
-    import time as _t; print("\nT build done", _t.time(), torch.get_num_threads(), flush=True)
     before = greedy_answers(ft.model, tok, [question(n) for n, _ in FACTS])   # LoRA starts as a no-op (B = 0)
     events: list[dict] = []
-    print("T gen done", _t.time(), flush=True)
     summary = ft.run(events.append)
-    print("T run done", _t.time(), flush=True)
     after = greedy_answers(ft.model, tok, [question(n) for n, _ in FACTS])
     return {"ft": ft, "out": Path(ft.out), "before": before, "after": after, "events": events, "summary": summary}
 
@@ -171,9 +168,11 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path, loaded_defa
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count('"train_loss"') == 6
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "elapsed")}  # noqa: E731
-                       for x in p.read_text().splitlines()]
-    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+
+    def timeless(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "elapsed", "seconds")}
+                for x in path.read_text().splitlines()]
+    assert timeless(tmp_path / "a" / "metrics.jsonl") == timeless(tmp_path / "b" / "metrics.jsonl")
     # a checkpoint refuses to continue a different run
     with pytest.raises(InvalidRequestError, match=r"resume: .* made with lr=0.001"):
         Finetune(FinetuneConfig(out=str(tmp_path / "b"), resume=True, **{**common, "lr": 5e-4}),
@@ -205,13 +204,16 @@ def test_bad_inputs_are_refused_clearly(tmp_path, capsys, default_model_path):
         (["--data", data("shape.jsonl", [[1, 2]]), "--out", out], "shape.jsonl line 1: expected a JSON object"),
         (["--data", data("long.jsonl", good), "--out", out, "--max-len", "16"],
          "long.jsonl line 1: 39 tokens, more than max_len 16; shorten it, raise --max-len, or pass --truncate"),
-        (["--data", data("ok.jsonl", good), "--out", out, "--rank", "0"], "rank: must be an integer in [1, 256], got 0"),
+        (["--data", data("ok.jsonl", good), "--out", out, "--rank", "0"],
+         "rank: must be an integer in [1, 256], got 0"),
         (["--data", data("ok.jsonl", good), "--out", out, "--rank", "1000"], "rank: must be an integer in [1, 256]"),
         (["--data", data("ok.jsonl", good), "--out", out, "--lr", "-1"], "lr: must be a number in (0, 1]"),
         (["--data", data("ok.jsonl", good), "--out", str(tmp_path / "ok.jsonl" / "sub")], "out: cannot write to"),
         (["--data", data("ok.jsonl", good)], "out: --out DIR is needed"),
         (["--data", data("ok.jsonl", good), "--out", out, "--resume"], "resume: no checkpoint in"),
     ]
+    cases.append((["--data", data("half.jsonl", ['{"prompt": "x"}']), "--submit", "--url", "http://127.0.0.1:9"],
+                  "half.jsonl line 1: 'completion' must be a string"))     # checked here, before sending
     for argv, message in cases:
         code, err = run(*argv)
         assert code == 2 and message in err, (argv, err)
@@ -248,29 +250,36 @@ def wait_job(http, job_id: str, timeout: float = 240) -> dict:
     return done
 
 
-def test_job_api_trains_reports_and_serves(server):
-    http = server.http()
-    body = {"data": records(FACTS[:8], TRAIN_Q), "suffix": "prices",
-            "hyperparameters": {"n_epochs": 1, "rank": 4, "batch_size": 4, "val_split": 0.25,
-                                "learning_rate": 1e-3}}
-    r = http.post("/v1/fine_tuning/jobs", json=body)
-    assert r.status_code == 201, r.text
-    job = r.json()
-    assert job["object"] == "fine_tuning.job" and job["status"] in ("queued", "running")
-    assert job["model"] == MODEL and job["suffix"] == "prices" and job["training_examples"] == 8
-    assert job["hyperparameters"]["rank"] == 4
+def test_job_from_the_cli_trains_reports_and_serves(server, tmp_path, capsys, monkeypatch):
+    """`llmos finetune --submit --wait` sends the records, the server trains them as a job,
+    reports its progress and loss, and serves the adapter as MODEL:SUFFIX."""
+    monkeypatch.setenv("LLMOS_API_KEY", server.admin_key)
+    data = write_jsonl(tmp_path / "d.jsonl", records(FACTS[:8], TRAIN_Q))
+    code = cli(["finetune", "-q", "--data", str(data), "--submit", "--wait", "--suffix", "prices", "--rank", "4",
+                "--epochs", "1", "--batch-size", "4", "--val-split", "0.25", "--url", server.url])
+    out = capsys.readouterr().out
+    assert code == 0 and f"succeeded; serving as {MODEL}:prices" in out, out
+    job_id = out.split()[0]
 
-    done = wait_job(http, job["id"])
-    assert done["status"] == "succeeded", done
+    http = server.http()
+    done = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert done["object"] == "fine_tuning.job" and done["status"] == "succeeded", done
+    assert done["model"] == MODEL and done["suffix"] == "prices" and done["training_examples"] == 8
+    assert done["hyperparameters"]["rank"] == 4 and done["hyperparameters"]["n_epochs"] == 1
     assert done["progress"] == 1.0 and done["step"] == done["total_steps"] == 2
     assert {"train_loss", "val_loss", "tokens_per_s"} <= set(done["metrics"])
     assert done["fine_tuned_model"] == f"{MODEL}:prices"
     listed = http.get("/v1/fine_tuning/jobs").json()
-    assert listed["data"][0]["id"] == job["id"] and listed["counts"]["succeeded"] >= 1
-    events = http.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    assert listed["data"][0]["id"] == job_id and listed["counts"]["succeeded"] >= 1
+    events = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
     text = [e["message"] for e in events]
     assert text[0] == "succeeded" and text[-1].startswith("queued") and any("validation loss" in t for t in text)
     assert any(e["data"] and e["data"].get("scheduling") in ("SCHED_IDLE", "nice 19") for e in events)
+    assert cli(["jobs", "--url", server.url]) == 0
+    listing = capsys.readouterr().out
+    assert job_id in listing and "succeeded" in listing and f"{MODEL}:prices" in listing
+    assert cli(["jobs", "events", job_id, "--url", server.url]) == 0
+    assert "validation loss" in capsys.readouterr().out
 
     # the server serves what it trained, under the suffix, through the OpenAI API
     reply = server.client().chat.completions.create(model=f"{MODEL}:prices", messages=question(FACTS[0][0]),
@@ -279,8 +288,9 @@ def test_job_api_trains_reports_and_serves(server):
 
     # another tenant sees neither the job nor the adapter
     bob = server.http(server.create_key("bob"))
-    assert bob.get(f"/v1/fine_tuning/jobs/{job['id']}").status_code == 404
+    assert bob.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 404
     assert bob.get("/v1/fine_tuning/jobs").json()["data"] == []
+    assert f"{MODEL}:prices" not in {m["id"] for m in bob.get("/v1/models").json()["data"]}
 
 
 def test_job_api_cancel_stops_the_worker(server):
@@ -288,20 +298,26 @@ def test_job_api_cancel_stops_the_worker(server):
     r = http.post("/v1/fine_tuning/jobs", json={"data": records(FACTS, TRAIN_Q), "suffix": "slow",
                                                 "hyperparameters": {"n_epochs": 50, "rank": 2, "batch_size": 1}})
     assert r.status_code == 201, r.text
-    job_id = r.json()["id"]
-    running = wait_for(lambda: (j := http.get(f"/v1/fine_tuning/jobs/{job_id}").json())["step"] >= 1 and j,
-                       timeout=120, interval=0.3)
-    assert running and running["status"] == "running", running
-    pid = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-    r = http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    job = r.json()
+    assert job["object"] == "fine_tuning.job" and job["status"] in ("queued", "running")
+    assert job["suffix"] == "slow" and job["training_examples"] == len(FACTS) and job["hyperparameters"]["rank"] == 2
+    running = wait_for(lambda: (j := http.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] == "running"
+                       and j, timeout=60, interval=0.2)
+    assert running, http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    r = http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert r.status_code == 200, r.text
-    done = wait_job(http, job_id, timeout=30)
+    done = wait_job(http, job["id"], timeout=30)
     assert done["status"] == "cancelled" and done["fine_tuned_model"] is None
-    worker_pids = [int(p) for p in os.listdir("/proc") if p.isdigit()
-                   and b"llmos.train.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
-                   and job_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert worker_pids == [], pid
-    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 409
+    workers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count(job["id"].encode())]
+    assert workers == []
+    assert http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 409
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_job_api_refuses_bad_input(server):

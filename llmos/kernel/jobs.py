@@ -245,6 +245,7 @@ class JobRunner:
         for proc in procs:
             _stop(proc, self.kill_grace)
         self._thread.join(timeout=self.kill_grace + 5)
+        self.table.close()
 
     # -- the runner thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -344,8 +345,9 @@ class JobRunner:
                 self.table.add_event(job.id, f"{kind}: " + ", ".join(f"{k}={v}" for k, v in event.items()
                                                                       if k != "type"), data=event)
             elif kind == "done":
-                self.table.update(job.id, step=event.get("step", 0), metrics={**metrics, **{
-                    k: event[k] for k in ("val_loss", "train_loss", "tokens_per_s", "seconds") if event.get(k) is not None}})
+                final = {k: event[k] for k in ("val_loss", "train_loss", "tokens_per_s", "seconds")
+                         if event.get(k) is not None}
+                self.table.update(job.id, step=event.get("step", 0), metrics={**metrics, **final})
         return last
 
 

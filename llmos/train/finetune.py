@@ -25,81 +25,18 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from llmos.errors import InvalidRequestError
+from llmos.train.config import FinetuneConfig
 from llmos.train.dataset import (IGNORE, Batch, Example, build_examples, check_record, collate, epoch_order,
                                  read_jsonl, split)
-from llmos.validate import integer, number
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SCHEDULES = ("cosine", "linear", "constant")
 # What a checkpoint must agree on to be resumed: everything that shapes the trajectory.
 _TRAJECTORY = ("model", "rank", "alpha", "dropout", "target_modules", "epochs", "lr", "batch_size", "val_split",
                "max_len", "truncate", "seed", "warmup", "schedule", "weight_decay", "grad_clip")
-
-
-@dataclass
-class FinetuneConfig:
-    data: str
-    out: str
-    model: str = "smollm2-135m"
-    rank: int = 8
-    alpha: float | None = None            # LoRA scale is alpha / rank; None = 2 x rank
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 8
-    val_split: float = 0.1               # held out of `data` for validation, unless `val_data` is given
-    val_data: str | None = None           # a JSONL file of validation records
-    max_len: int = 512
-    truncate: bool = False
-    seed: int = 0
-    warmup: float = 0.05                  # fraction of the steps spent warming up the learning rate
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    save_every: int = 0                   # steps between checkpoints; 0 = at the end of each epoch
-    keep_checkpoints: int = 2
-    eval_every: int = 0                   # steps between validations; 0 = at the end of each epoch
-    threads: int | None = None            # torch threads; None = torch's default
-    resume: bool | str = False            # True = the newest checkpoint in OUT; a path = that one
-
-    def check(self) -> FinetuneConfig:
-        """Every field within range, each problem named; returns self."""
-        integer("rank", self.rank, 1, 256)
-        if self.alpha is not None:
-            number("alpha", self.alpha, 0, 1e4, lo_open=True)
-        number("dropout", self.dropout, 0, 0.9)
-        integer("epochs", self.epochs, 1, 1000)
-        number("lr", self.lr, 0, 1.0, lo_open=True)
-        integer("batch_size", self.batch_size, 1, 4096)
-        number("val_split", self.val_split, 0, 0.5)
-        integer("max_len", self.max_len, 8, 131072)
-        integer("seed", self.seed, 0, 2**31 - 1)
-        number("warmup", self.warmup, 0, 0.5)
-        number("weight_decay", self.weight_decay, 0, 1.0)
-        number("grad_clip", self.grad_clip, 0, 1e6)
-        integer("save_every", self.save_every, 0)
-        integer("keep_checkpoints", self.keep_checkpoints, 1, 1000)
-        integer("eval_every", self.eval_every, 0)
-        if self.threads is not None:
-            integer("threads", self.threads, 1, 1024)
-        if self.schedule not in SCHEDULES:
-            raise InvalidRequestError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not isinstance(self.target_modules, list) or not self.target_modules or \
-                not set(self.target_modules) <= set(LORA_TARGETS):
-            raise InvalidRequestError(f"target_modules: must be a non-empty list of {', '.join(LORA_TARGETS)}, "
-                                      f"got {self.target_modules!r}")
-        return self
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
 
 
 Event = dict                                      # {"type": "step" | "eval" | "checkpoint" | "start" | "done", ...}
@@ -144,7 +81,8 @@ class Finetune:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         warm = round(c.warmup * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(c.schedule, warm, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           _schedule(c.schedule, warm, self.total_steps))
         self.step = 0
         self.history: list[dict] = []             # every event written to metrics.jsonl, in order
         self.truncated = sum(e.truncated for e in examples)
@@ -204,33 +142,22 @@ class Finetune:
         self.model.train()
         window = _Window()
         started = time.monotonic()
-        while self.step < self.total_steps:
-            if stop():
-                break
+        while self.step < self.total_steps and not stop():
             epoch, k = divmod(self.step, self.steps_per_epoch)
             order = epoch_order(len(self.train_set), c.seed, epoch)
             batch = collate([self.train_set[i] for i in order[k * c.batch_size:(k + 1) * c.batch_size]])
-            t0 = time.perf_counter()
-            loss, _ = self.loss(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.grad_clip)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            window.add(loss.item(), batch.tokens, time.perf_counter() - t0)
-            end_of_epoch = self.step % self.steps_per_epoch == 0
+            loss, seconds = self._step(batch)
+            window.add(loss, batch.tokens, seconds)
             self._emit(on_event, {"type": "step", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                  "train_loss": loss.item(), "lr": lr, "tokens": batch.tokens,
+                                  "train_loss": loss, "lr": lr, "tokens": batch.tokens, "seconds": seconds,
                                   "tokens_per_s": window.tokens_per_s, "elapsed": time.monotonic() - started})
-            if (c.eval_every and self.step % c.eval_every == 0) or (end_of_epoch and not c.eval_every) \
-                    or self.step == self.total_steps:
-                if self.val_set and (not self.history or self.history[-1].get("type") != "eval"
-                                     or self.history[-1]["step"] != self.step):
-                    self._emit(on_event, {"type": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                          "val_loss": self.evaluate()})
-            if (c.save_every and self.step % c.save_every == 0) or (end_of_epoch and not c.save_every):
+            end_of_epoch = self.step % self.steps_per_epoch == 0
+            if self.val_set and (self.step == self.total_steps or (
+                    self.step % c.eval_every == 0 if c.eval_every else end_of_epoch)):
+                self._emit(on_event, {"type": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                      "val_loss": self.evaluate()})
+            if self.step % c.save_every == 0 if c.save_every else end_of_epoch:
                 self.save_checkpoint(on_event)
         finished = self.step >= self.total_steps
         if finished:
@@ -240,6 +167,18 @@ class Finetune:
                    "tokens_per_s": window.tokens_per_s, "seconds": time.monotonic() - started}
         self._emit(on_event, summary, record=False)
         return summary
+
+    def _step(self, batch: Batch) -> tuple[float, float]:
+        """One optimizer step; the batch's loss and the seconds it took."""
+        t0 = time.perf_counter()
+        loss, _ = self.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.item(), time.perf_counter() - t0
 
     def last_val_loss(self) -> float | None:
         return next((e["val_loss"] for e in reversed(self.history) if e.get("type") == "eval"), None)

@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     # "priority": "normal" keeps the default priority (the benchmark's comparison)
     priority = "normal" if spec.get("priority") == "normal" else lower_priority()
     from llmos.errors import LLMOSError
-    from llmos.train.finetune import Finetune, FinetuneConfig, has_checkpoint
+    from llmos.train.config import FinetuneConfig
+    from llmos.train.finetune import Finetune, has_checkpoint
     try:
         config = FinetuneConfig(**{k: v for k, v in spec.items() if k in FinetuneConfig.__dataclass_fields__})
         config.resume = has_checkpoint(config.out)

@@ -192,14 +192,14 @@ async def create(body: CreateJob, request: Request, principal: Principal = Depen
         raw = await anyio.to_thread.run_sync(_read_training_file, state, principal, body.training_file)
     records = await anyio.to_thread.run_sync(_prepare, state, body, raw)
     where = runner.job_dir(job_id)
-    from llmos.train.finetune import LORA_TARGETS
+    from llmos.train.config import LORA_TARGETS
     spec = {"data": str(where / "train.jsonl"), "out": str(where / "adapter"), "model": state.llm.config.model,
             "rank": h.rank, "alpha": h.alpha, "epochs": h.n_epochs, "lr": h.learning_rate, "batch_size": h.batch_size,
             "val_split": h.val_split, "max_len": h.max_len, "truncate": h.truncate, "seed": body.seed,
             "target_modules": h.target_modules or list(LORA_TARGETS)}
 
     def write() -> Job:
-        from llmos.train.finetune import FinetuneConfig
+        from llmos.train.config import FinetuneConfig
         FinetuneConfig(**spec).check()
         where.mkdir(parents=True, exist_ok=True)
         with open(where / "train.jsonl", "w") as f:
