@@ -10,13 +10,15 @@ transformers + PEFT and, after, served by `llmos serve` through the OpenAI API.
 
 Serving beside training: one `llmos serve` and a closed-loop streaming chat workload over
 HTTP (8 clients, each sending its next request when the last is answered; 64 tokens, EOS
-ignored; tokens counted as they arrive). A fine-tuning worker process runs beside it,
-started as the job runner starts it (SCHED_IDLE); windows of `--window` s alternate A (the
-worker SIGSTOPped: no training) and B (the worker running), `--rounds` times, then the same
-with a worker left at normal priority. Medians of serving output tokens/s, their ratio to A, and the training
-tokens/s the worker got in the same windows; and the worker alone, with no serving load.
+ignored; tokens counted as they arrive), beside three trainers in turn: a job of the server
+itself (POST /v1/fine_tuning/jobs: SCHED_IDLE, and held back by the job runner while the
+engine has requests), and the same worker process started directly at SCHED_IDLE and at
+normal priority, with nothing holding it back. Per trainer: a window with no serving (its
+speed alone), then `--rounds` rounds of `--window` s serving windows with the trainer held
+(A: the job paused through the API, a worker SIGSTOPped) and let go (B), interleaved.
+Medians of serving output tokens/s, the B/A ratio, and the training tokens/s in B.
 
-    python benchmarks/finetune.py [--facts 200] [--epochs 8] [--rounds 3] [--window 20] [--quick] [--write]
+    python benchmarks/finetune.py [--facts 200] [--epochs 16] [--rounds 3] [--window 20] [--quick] [--write]
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def learn(tmp: Path, facts, epochs: int) -> dict:
     return {"before": before, "after": after, "val": val,
             "tokens_per_s": train_tokens / step_seconds, "epoch_s": seconds / epochs, "seconds": seconds,
             "examples": len(ft.train_set), "tokens_per_epoch": train_tokens / epochs, "out": tmp / "adapter",
+            "steps_per_epoch": ft.steps_per_epoch,
             "final_train_loss": summary["train_loss"]}
 
 
@@ -116,8 +119,8 @@ def served_accuracy(server: LocalServer, adapter: Path, facts) -> float:
 # -- serving beside training ------------------------------------------------------------------------
 
 class Worker:
-    """A fine-tuning worker process (python -m llmos.train.worker), as the job runner starts
-    it; its step events are kept with the time they arrived."""
+    """A fine-tuning worker process (python -m llmos.train.worker) started directly, at
+    SCHED_IDLE or at normal priority, with nothing else holding it back; held by SIGSTOP."""
 
     def __init__(self, tmp: Path, facts, priority: str) -> None:
         data = write_jsonl(tmp / f"worker-{priority}.jsonl", records(facts, TRAIN_Q))
@@ -126,8 +129,8 @@ class Worker:
         (tmp / f"spec-{priority}.json").write_text(json.dumps(spec))
         self.proc = subprocess.Popen([sys.executable, "-m", "llmos.train.worker", str(tmp / f"spec-{priority}.json")],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.steps: list[tuple[float, int]] = []
-        self.scheduling = None
+        self.name = None
+        self.count = 0
         self.started = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         if not self.started.wait(300):
@@ -137,23 +140,57 @@ class Worker:
         for line in self.proc.stdout:
             e = json.loads(line)
             if e["type"] == "priority":
-                self.scheduling = e["scheduling"]
+                self.name = f"worker alone at {'SCHED_IDLE' if e['scheduling'] == 'SCHED_IDLE' else e['scheduling']}"
             elif e["type"] == "step":
-                self.steps.append((time.monotonic(), e["tokens"]))
+                self.count = e["step"]
                 self.started.set()
-            elif e["type"] == "error":
-                raise RuntimeError(e["message"])
 
-    def tokens_between(self, t0: float, t1: float) -> int:
-        return sum(n for t, n in self.steps if t0 <= t < t1)
+    def steps(self) -> int:
+        return self.count
 
-    def signal(self, sig: int) -> None:
-        os.killpg(self.proc.pid, sig)
+    def hold(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def go(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGKILL)
+        self.go()
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+
+
+class Job:
+    """A fine-tuning job of the server itself, as `POST /v1/fine_tuning/jobs` makes it: its
+    process at SCHED_IDLE and held back by the job runner while the engine has requests.
+    Held here with the API's pause, let go with resume."""
+
+    name = "job of the server (SCHED_IDLE, held back while serving is busy)"
+
+    def __init__(self, server: LocalServer, facts) -> None:
+        self.http = httpx.Client(base_url=server.url, timeout=60)
+        hyper = {"n_epochs": 100, "rank": SETTINGS["rank"], "learning_rate": SETTINGS["lr"],
+                 "batch_size": SETTINGS["batch_size"], "val_split": 0}
+        r = self.http.post("/v1/fine_tuning/jobs", json={"data": records(facts, TRAIN_Q), "hyperparameters": hyper})
+        r.raise_for_status()
+        self.url = f"/v1/fine_tuning/jobs/{r.json()['id']}"
+        deadline = time.monotonic() + 300
+        while self.steps() < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the job did not start training: {self.http.get(self.url).json()}")
+            time.sleep(0.5)
+
+    def steps(self) -> int:
+        return self.http.get(self.url).json()["step"]
+
+    def hold(self) -> None:
+        self.http.post(self.url + "/pause").raise_for_status()
+
+    def go(self) -> None:
+        self.http.post(self.url + "/resume").raise_for_status()
+
+    def stop(self) -> None:
+        self.http.post(self.url + "/cancel")
 
 
 def serve_window(server: LocalServer, seconds: float) -> float:
@@ -181,32 +218,32 @@ def serve_window(server: LocalServer, seconds: float) -> float:
     return sum(tokens) / seconds
 
 
-def beside(server: LocalServer, tmp: Path, facts, priority: str, rounds: int, window: float) -> dict:
-    """A (worker stopped) and B (worker running) windows, interleaved."""
-    worker = Worker(tmp, facts, priority)
+def beside(server: LocalServer, trainer, rounds: int, window: float, tokens_per_step: float) -> dict:
+    """Training alone for a window, then A (trainer held) and B (trainer let go) serving
+    windows, interleaved; training tok/s from the steps it made in each."""
     try:
-        t0 = time.monotonic()
-        time.sleep(window / 2)
-        alone = worker.tokens_between(t0, time.monotonic()) / (time.monotonic() - t0)
+        s0, t0 = trainer.steps(), time.monotonic()
+        time.sleep(window)
+        alone = (trainer.steps() - s0) * tokens_per_step / (time.monotonic() - t0)
         a, b, train = [], [], []
         for _ in range(rounds):
-            worker.signal(signal.SIGSTOP)
+            trainer.hold()
             a.append(serve_window(server, window))
-            worker.signal(signal.SIGCONT)
-            t0 = time.monotonic()
+            trainer.go()
+            s0, t0 = trainer.steps(), time.monotonic()
             b.append(serve_window(server, window))
-            train.append(worker.tokens_between(t0, time.monotonic()) / (time.monotonic() - t0))
-            print(f"  {priority}: serving {a[-1]:.1f} tok/s without training, {b[-1]:.1f} with; "
+            train.append((trainer.steps() - s0) * tokens_per_step / (time.monotonic() - t0))
+            print(f"  {trainer.name}: serving {a[-1]:.1f} tok/s held, {b[-1]:.1f} training; "
                   f"training {train[-1]:.1f} tok/s", flush=True)
-        return {"scheduling": worker.scheduling, "a": a, "b": b, "train": train, "alone": alone}
+        return {"name": trainer.name, "a": a, "b": b, "train": train, "alone": alone}
     finally:
-        worker.stop()
+        trainer.stop()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--facts", type=int, default=200)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--window", type=float, default=20.0)
     ap.add_argument("--quick", action="store_true", help="40 facts, 2 epochs, 1 round of 10 s windows")
@@ -226,8 +263,10 @@ def main() -> None:
         try:
             served = served_accuracy(server, learned["out"], facts)
             serve_window(server, 5.0)                       # warm-up
-            idle = beside(server, tmp, facts, "idle", args.rounds, args.window)
-            normal = beside(server, tmp, facts, "normal", args.rounds, args.window)
+            per_step = learned["tokens_per_epoch"] / learned["steps_per_epoch"]
+            results = [beside(server, Job(server, facts), args.rounds, args.window, per_step),
+                       beside(server, Worker(tmp, facts, "idle"), args.rounds, args.window, per_step),
+                       beside(server, Worker(tmp, facts, "normal"), args.rounds, args.window, per_step)]
         finally:
             server.stop()
     busy1, own1 = cpu_seconds()
@@ -239,19 +278,19 @@ def main() -> None:
          "after (transformers+PEFT)", "after (served over HTTP)"],
         [[args.facts, args.epochs, round(learned["tokens_per_epoch"]), learned["tokens_per_s"], learned["epoch_s"],
           learned["before"], learned["after"], served]])
-    a = float(np.median(idle["a"] + normal["a"]))
-    rows = [["no fine-tune (worker stopped)", a, 1.0, "-"],
-            [f"fine-tune at {idle['scheduling']} (the job runner's)", float(np.median(idle["b"])),
-             float(np.median(idle["b"])) / float(np.median(idle["a"])), float(np.median(idle["train"]))],
-            ["fine-tune at normal priority", float(np.median(normal["b"])),
-             float(np.median(normal["b"])) / float(np.median(normal["a"])), float(np.median(normal["train"]))]]
-    serve_table = markdown_table(["condition", "serving output tok/s (median)", "ratio to no fine-tune",
-                                  "training tok/s meanwhile (median)"], rows)
+    held = float(np.median([x for r in results for x in r["a"]]))
+    rows = [["no fine-tune (trainer held)", held, 1.0, "-", "-"]]
+    for r in results:
+        rows.append([r["name"], float(np.median(r["b"])), float(np.median(r["b"]) / np.median(r["a"])),
+                     float(np.median(r["train"])), r["alone"]])
+    serve_table = markdown_table(["condition", "serving output tok/s (median)", "ratio to held (same rounds)",
+                                  "training tok/s meanwhile (median)", "training tok/s, serving idle"], rows)
     body = (f"Validation loss (held-out phrasing of 50 facts) by epoch: {val}.\n\n{learn_table}\n\n"
-            f"Serving beside a fine-tune: {CLIENTS} closed-loop HTTP chat clients, {MAX_TOKENS} tokens each, "
-            f"{args.rounds} rounds of {args.window:g} s windows, A B interleaved per condition. The worker alone "
-            f"(no serving load) trains at {idle['alone']:.0f} tok/s (SCHED_IDLE) and {normal['alone']:.0f} tok/s "
-            f"(normal).\n\n{serve_table}\n\nOther processes kept {others:.2f} cores busy on average during the run.")
+            f"Serving beside a fine-tune: {CLIENTS} closed-loop streaming HTTP chat clients, {MAX_TOKENS} tokens "
+            f"each; per condition a window with no serving, then {args.rounds} rounds of {args.window:g} s windows "
+            f"with the trainer held (A) and let go (B), interleaved; medians. Training tok/s counts every token of "
+            f"the steps made in the window.\n\n{serve_table}\n\nOther processes kept {others:.2f} cores busy on "
+            f"average during the run.")
     print(body)
     if args.write:
         command = "python benchmarks/finetune.py " + " ".join(sys.argv[1:])

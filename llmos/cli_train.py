@@ -1,7 +1,7 @@
 """`llmos finetune`: train a LoRA adapter on the base model from a JSONL file, here in the
 foreground with a progress bar, or (`--submit`) as a job of a running server, which trains
 it at low CPU priority beside serving and then serves it as MODEL:SUFFIX.
-`llmos jobs` lists a server's fine-tuning jobs; `llmos jobs cancel ID` stops one."""
+`llmos jobs` lists a server's fine-tuning jobs; `llmos jobs pause|resume|cancel ID` steers one."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def _submit(args) -> int:
         return 0
     from tqdm import tqdm
     bar = tqdm(total=job.get("total_steps") or 1, unit="step", dynamic_ncols=True, disable=args.quiet)
-    while job["status"] not in ("succeeded", "failed", "cancelled"):
+    while job["status"] not in ("succeeded", "failed", "cancelled"):   # a paused job is waited for too
         time.sleep(1.0)
         job = s.request("GET", f"/v1/fine_tuning/jobs/{job['id']}").json()
         bar.total = job.get("total_steps") or bar.total
@@ -113,10 +113,10 @@ def _submit(args) -> int:
 def cmd_jobs(args) -> int:
     from llmos.cli_agents import Server
     s = Server(args.url)
-    if args.action == "cancel":
+    if args.action in ("cancel", "pause", "resume"):
         if not args.id:
-            raise LLMOSError("id: `llmos jobs cancel` needs a job id")
-        job = s.request("POST", f"/v1/fine_tuning/jobs/{args.id}/cancel").json()
+            raise LLMOSError(f"id: `llmos jobs {args.action}` needs a job id")
+        job = s.request("POST", f"/v1/fine_tuning/jobs/{args.id}/{args.action}").json()
         print(f"{job['id']}: {job['status']}")
         return 0
     if args.action == "events":
@@ -179,8 +179,8 @@ def add_commands(sub) -> None:
     p.add_argument("--wait", action="store_true", help="--submit: follow the job until it ends")
     _server_arg(p)
     p.set_defaults(func=cmd_finetune)
-    p = sub.add_parser("jobs", help="a server's fine-tuning jobs: list | events ID | cancel ID")
-    p.add_argument("action", nargs="?", choices=["list", "events", "cancel"], default="list")
+    p = sub.add_parser("jobs", help="a server's fine-tuning jobs: list | events ID | pause ID | resume ID | cancel ID")
+    p.add_argument("action", nargs="?", choices=["list", "events", "pause", "resume", "cancel"], default="list")
     p.add_argument("id", nargs="?", default=None)
     p.add_argument("--json", action="store_true")
     _server_arg(p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from llmos.train.synthetic import accuracy, greedy_answers
 from llmos.train.dataset import IGNORE, encode_record
 from llmos.train.config import FinetuneConfig
 from llmos.train.finetune import Finetune
-from test_server import MODEL, ServerProcess, wait_for
+from test_server import MODEL, LongStream, ServerProcess, wait_for
 
 SYSTEM = "Answer briefly."
 TRAIN_Q, HELD_OUT_Q = synthetic.QUESTIONS[0], synthetic.QUESTIONS[1]
@@ -293,7 +294,9 @@ def test_job_from_the_cli_trains_reports_and_serves(server, tmp_path, capsys, mo
     assert f"{MODEL}:prices" not in {m["id"] for m in bob.get("/v1/models").json()["data"]}
 
 
-def test_job_api_cancel_stops_the_worker(server):
+def test_job_yields_to_serving_pauses_resumes_and_cancels(server):
+    """A running job's process is kept stopped while the server has requests and runs again
+    once it is idle; a person pauses and resumes it; cancel kills it."""
     http = server.http()
     r = http.post("/v1/fine_tuning/jobs", json={"data": records(FACTS, TRAIN_Q), "suffix": "slow",
                                                 "hyperparameters": {"n_epochs": 50, "rank": 2, "batch_size": 1}})
@@ -301,16 +304,47 @@ def test_job_api_cancel_stops_the_worker(server):
     job = r.json()
     assert job["object"] == "fine_tuning.job" and job["status"] in ("queued", "running")
     assert job["suffix"] == "slow" and job["training_examples"] == len(FACTS) and job["hyperparameters"]["rank"] == 2
-    running = wait_for(lambda: (j := http.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] == "running"
-                       and j, timeout=60, interval=0.2)
-    assert running, http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-    r = http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    assert wait_for(lambda: http.get(url).json()["step"] >= 1, timeout=120, interval=0.2), http.get(url).json()
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and job["id"].encode() in _cmdline(p)]
+    assert len(pids) == 1
+
+    stream = LongStream(server)                  # serving is busy: the trainer is stopped
+    try:
+        stream.next_event()
+        assert wait_for(lambda: _state(pids[0]) == "T", timeout=5), _state(pids[0])
+        step = http.get(url).json()["step"]
+        for _ in range(20):
+            stream.next_event()
+        assert http.get(url).json()["step"] <= step + 1
+    finally:
+        stream.close()
+    assert wait_for(lambda: _state(pids[0]) in ("R", "S"), timeout=10), _state(pids[0])   # idle again: it runs
+
+    r = http.post(f"{url}/pause")
+    assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+    assert _state(pids[0]) == "T"
+    time.sleep(0.5)
+    assert _state(pids[0]) == "T" and http.post(f"{url}/pause").status_code == 409
+    r = http.post(f"{url}/resume")
+    assert r.status_code == 200 and r.json()["status"] == "running", r.text
+    assert wait_for(lambda: _state(pids[0]) in ("R", "S"), timeout=5)
+
+    r = http.post(f"{url}/cancel")
     assert r.status_code == 200, r.text
     done = wait_job(http, job["id"], timeout=30)
     assert done["status"] == "cancelled" and done["fine_tuned_model"] is None
-    workers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).count(job["id"].encode())]
-    assert workers == []
-    assert http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").status_code == 409
+    assert not Path(f"/proc/{pids[0]}").exists() or _state(pids[0]) == "Z"
+    assert http.post(f"{url}/cancel").status_code == 409
+    events = [e["message"] for e in http.get(f"{url}/events", params={"limit": 100}).json()["data"]]
+    assert any(m.startswith("gave the CPU to serving") for m in events) and "paused" in events, events
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def _cmdline(pid: str) -> bytes:

@@ -40,6 +40,7 @@ OPERATIONS = [
     ("GET", "/v1/cluster", 3), ("POST", "/v1/cluster/scale", 5),
     ("POST", "/v1/fine_tuning/jobs", 5), ("GET", "/v1/fine_tuning/jobs", 3), ("GET", "/v1/fine_tuning/jobs/{job_id}", 3),
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel", 3), ("GET", "/v1/fine_tuning/jobs/{job_id}/events", 3),
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/pause", 3), ("POST", "/v1/fine_tuning/jobs/{job_id}/resume", 3),
 ]
 
 
@@ -87,7 +88,7 @@ NEGATIVE = {("POST", p) for p in ("/v1/chat/completions", "/v1/completions", "/v
                                   "/v1/processes/{pid}/renice", "/v1/messages", "/v1/sys", "/v1/tools/{name}/call",
                                   "/v1/memory", "/v1/memory/recall", "/v1/conversations",
                                   "/v1/conversations/{name}/messages", "/v1/adapters",
-                                  "/v1/cluster/scale")} | {("PUT", "/v1/kv/{key}")}
+                                  "/v1/cluster/scale", "/v1/fine_tuning/jobs")} | {("PUT", "/v1/kv/{key}")}
 CASES = [(m, p, n, mode) for m, p, n in OPERATIONS for mode in ("positive", "negative")
          if mode == "positive" or (m, p) in NEGATIVE]
 

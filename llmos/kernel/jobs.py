@@ -1,11 +1,17 @@
 """Jobs: long batch work the kernel runs beside serving (today: LoRA fine-tuning).
 
 A job is a row in SQLite before it runs, so it outlives the kernel, and it runs as its own
-OS process started at the lowest CPU priority (SCHED_IDLE, else nice 19; the worker sets it
-on itself before its compute threads exist), so serving takes the cores whenever it wants
-them and training gets what is left. One job runs at a time; the others wait queued.
+OS process at the lowest CPU priority (SCHED_IDLE, else nice 19; the worker sets it on itself
+before its compute threads exist). On a small machine that is not enough: serving leaves
+short gaps (HTTP, Python, threads waking) that the trainer fills, and the two then share
+caches, memory bandwidth and hyperthread siblings, which costs serving about a fifth of its
+throughput at either priority (benchmarks/finetune.py). So the runner also keeps the job's
+process stopped (SIGSTOP) while serving has requests, and lets it go (SIGCONT) once serving
+has been idle for a moment: training runs in serving's idle time. One job runs at a time;
+the others wait queued.
 
-States: queued -> running -> succeeded | failed | cancelled. The worker reports progress as
+States: queued -> running <-> paused -> succeeded | failed | cancelled; a person pauses and
+resumes a running job (its process stopped, its memory kept). The worker reports progress as
 JSON lines on its stdout ({"type": "step" | "eval" | "checkpoint" | "done" | "error", ...});
 the runner records them as the job's progress, latest metrics and event log. A job the
 kernel was running when it stopped goes back to the queue and resumes from its last
@@ -29,7 +35,8 @@ from pathlib import Path
 
 from llmos.errors import InvalidRequestError
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
+LIVE = ("queued", "running", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
 WORKER = "llmos.train.worker"       # the module a fine-tuning job's process runs
 STEP_EVENT_INTERVAL = 5.0          # seconds between step events kept in the log (all update progress)
@@ -42,7 +49,7 @@ class NoSuchJob(InvalidRequestError):
 
 
 class JobFinished(InvalidRequestError):
-    """The job has ended already; it cannot be cancelled."""
+    """The job has ended already (or is not in the state the action needs)."""
 
     kind = "AlreadyDecided"
 
@@ -181,28 +188,73 @@ class JobTable:
         return {s: found.get(s, 0) for s in STATES}
 
 
+class Gate:
+    """Whether a job's process may run now: it is stopped while a person has paused it or
+    while serving is busy, and counts how long it was kept stopped for serving."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.held = False                 # paused by a person
+        self.stopped = False
+        self.released = False             # ending: never stop it again
+        self.yields = 0                   # times stopped for serving
+        self.yielded_s = 0.0              # seconds stopped for serving
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def set(self, stop: bool) -> None:
+        with self._lock:
+            stop = stop and not self.released
+            if stop == self.stopped or self.proc.poll() is not None:
+                return
+            try:
+                os.killpg(self.proc.pid, signal.SIGSTOP if stop else signal.SIGCONT)
+            except ProcessLookupError:
+                return
+            now = time.monotonic()
+            if stop and not self.held:
+                self.yields += 1
+            elif not stop and self._since and not self.held:
+                self.yielded_s += now - self._since
+            self.stopped, self._since = stop, now
+
+    def release(self) -> None:
+        """Let it run for good (before it is stopped for good)."""
+        self.released = True
+        self.set(False)
+
+
 class JobRunner:
     """Runs queued jobs one at a time, each as a low-priority OS process, and keeps the table
     current from what the process reports. `on_success(job)` runs when a job has succeeded
     (the server uses it to start serving the adapter) and returns what to store as its result."""
 
     def __init__(self, table: JobTable, home: Path, *, on_success: Callable[[Job], dict | None] | None = None,
+                 busy: Callable[[], bool] | None = None, idle_before_resume: float = 0.2,
                  kill_grace: float = 5.0) -> None:
+        """`busy()` says whether serving has requests now; while it does, the running job's
+        process is kept stopped, and it runs again once serving has been idle for
+        `idle_before_resume` seconds. None: the job runs whenever the CPU scheduler lets it."""
         self.table = table
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.on_success = on_success
+        self.busy = busy
+        self.idle_before_resume = idle_before_resume
         self.kill_grace = kill_grace
         self._wake = threading.Condition()
         self._running: dict[str, subprocess.Popen] = {}
+        self._gates: dict[str, Gate] = {}
         self._cancelled: set[str] = set()
         self._stopping = False
-        for job in table.list(state="running"):   # the kernel stopped while it ran: run it again, resuming
-            table.transition(job.id, ("running",), "queued", pid=None)
+        for job in table.list(state="running") + table.list(state="paused"):   # the kernel stopped while it ran
+            table.transition(job.id, ("running", "paused"), "queued", pid=None)
             table.add_event(job.id, "the kernel restarted while this job ran; it resumes from its last checkpoint",
                             "warn")
         self._thread = threading.Thread(target=self._loop, name="llmos-jobs", daemon=True)
         self._thread.start()
+        if busy is not None:
+            threading.Thread(target=self._pace, name="llmos-jobs-pacer", daemon=True).start()
 
     def job_dir(self, job_id: str) -> Path:
         return self.home / job_id
@@ -222,10 +274,36 @@ class JobRunner:
         with self._wake:
             self._cancelled.add(job_id)
             proc = self._running.get(job_id)
+            gate = self._gates.get(job_id)
         if proc is None and self.table.transition(job_id, ("queued",), "cancelled", finished_at=time.time()):
             self.table.add_event(job_id, "cancelled before it started")
         elif proc is not None:
+            if gate is not None:
+                gate.release()
             _stop(proc, self.kill_grace)
+        return self.table.get(job_id)
+
+    def pause(self, job_id: str, tenant: str | None = None) -> Job:
+        """Stop a running job's process where it is (its memory kept) until `resume`."""
+        self.table.get(job_id, tenant)
+        with self._wake:
+            gate = self._gates.get(job_id)
+            if gate is None or not self.table.transition(job_id, ("running",), "paused"):
+                raise JobFinished(f"job_id: job {job_id} is not running; only a running job can be paused")
+            gate.held = True
+            gate.set(True)
+        self.table.add_event(job_id, "paused")
+        return self.table.get(job_id)
+
+    def resume(self, job_id: str, tenant: str | None = None) -> Job:
+        self.table.get(job_id, tenant)
+        with self._wake:
+            gate = self._gates.get(job_id)
+            if gate is None or not self.table.transition(job_id, ("paused",), "running"):
+                raise JobFinished(f"job_id: job {job_id} is not paused")
+            gate.held = False
+            gate.set(False)                   # the pacer stops it again at once if serving is busy
+        self.table.add_event(job_id, "resumed")
         return self.table.get(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -241,7 +319,10 @@ class JobRunner:
         with self._wake:
             self._stopping = True
             procs = list(self._running.values())
+            gates = list(self._gates.values())
             self._wake.notify_all()
+        for gate in gates:
+            gate.release()
         for proc in procs:
             _stop(proc, self.kill_grace)
         self._thread.join(timeout=self.kill_grace + 5)
@@ -278,20 +359,26 @@ class JobRunner:
                                     stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self._running[job.id] = proc
+            gate = self._gates[job.id] = Gate(proc)
         if not self.table.transition(job.id, ("queued",), "running", started_at=job.started_at or time.time(),
                                      pid=proc.pid, error=None):
             _stop(proc, self.kill_grace)          # cancelled in the moment between
         else:
             self.table.add_event(job.id, f"started process {proc.pid}")
-        last = self._follow(job, proc)
+        last = self._follow(job, proc, gate)
         code = proc.wait()
         with self._wake:
             self._running.pop(job.id, None)
+            self._gates.pop(job.id, None)
             cancelled = job.id in self._cancelled
             stopping = self._stopping
+        if gate.yields:
+            self.table.add_event(job.id, f"gave the CPU to serving {gate.yields} time(s), "
+                                 f"{gate.yielded_s:.1f} s in all", data={"yields": gate.yields,
+                                                                          "yielded_s": gate.yielded_s})
         now = time.time()
         if cancelled:
-            self.table.transition(job.id, ("running", "queued"), "cancelled", finished_at=now, pid=None)
+            self.table.transition(job.id, LIVE, "cancelled", finished_at=now, pid=None)
             self.table.add_event(job.id, "cancelled; its process was stopped")
         elif stopping:
             self.table.add_event(job.id, "the kernel is stopping; the job resumes when it starts again", "warn")
@@ -302,15 +389,35 @@ class JobRunner:
                     result = self.on_success(self.table.get(job.id))
                 except Exception as e:        # the adapter is on disk either way; say why it is not served
                     self.table.add_event(job.id, f"trained, but could not be installed: {e}", "warn")
-            self.table.transition(job.id, ("running",), "succeeded", finished_at=now, pid=None, result=result)
+            self.table.transition(job.id, LIVE, "succeeded", finished_at=now, pid=None, result=result)
             self.table.add_event(job.id, "succeeded", data=result)
         else:
             error = last.get("message") if last.get("type") == "error" else _tail(where / "worker.log") or \
                 f"the worker exited with status {code}"
-            self.table.transition(job.id, ("running",), "failed", finished_at=now, pid=None, error=error)
+            self.table.transition(job.id, LIVE, "failed", finished_at=now, pid=None, error=error)
             self.table.add_event(job.id, f"failed: {error}", "error")
 
-    def _follow(self, job: Job, proc: subprocess.Popen) -> dict:
+    def _pace(self) -> None:
+        """Stop running jobs while serving is busy; let them go after it has been idle a while."""
+        idle_since = time.monotonic()
+        while not self._stopping:
+            with self._wake:
+                gates = list(self._gates.values())
+            if not gates:                         # nothing to pace: look again later
+                time.sleep(0.2)
+                continue
+            try:
+                busy = bool(self.busy())
+            except Exception:                     # a probe that fails must not stop the jobs for good
+                busy = False
+            now = time.monotonic()
+            if busy:
+                idle_since = now
+            for gate in gates:
+                gate.set(gate.held or now - idle_since < self.idle_before_resume)
+            time.sleep(0.01 if busy else 0.02)
+
+    def _follow(self, job: Job, proc: subprocess.Popen, gate: Gate) -> dict:
         """Record what the worker reports until it closes its stdout; returns its last event."""
         last: dict = {}
         logged = 0.0
@@ -331,6 +438,7 @@ class JobRunner:
                                      + (f" from step {event['step']}" if event.get("step") else ""), data=event)
             elif kind == "step":
                 metrics.update({k: event[k] for k in ("train_loss", "lr", "tokens_per_s", "epoch") if k in event})
+                metrics["yielded_s"] = round(gate.yielded_s, 3)
                 self.table.update(job.id, step=event["step"], metrics=metrics)
                 if time.monotonic() - logged >= STEP_EVENT_INTERVAL:
                     logged = time.monotonic()
@@ -367,6 +475,7 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, signal.SIGCONT)   # a stopped process acts on SIGTERM only once continued
         except ProcessLookupError:
             return
         try:

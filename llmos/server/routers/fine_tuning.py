@@ -1,8 +1,9 @@
 """/v1/fine_tuning/jobs: LoRA fine-tuning as kernel jobs, in OpenAI's shape. A job trains
 on a JSONL file from the tenant's own files (`training_file`, put there with PUT /v1/fs/...)
-or on records sent inline (`data`), in its own low-priority process beside serving; when
-it succeeds the server loads the adapter for the tenant, served as model "MODEL:SUFFIX".
-A key sees and cancels its tenant's jobs; an admin key all of them."""
+or on records sent inline (`data`), in its own low-priority process that runs only while
+serving is idle; when it succeeds the server loads the adapter for the tenant, served as
+model "MODEL:SUFFIX". A key sees, pauses, resumes and cancels its tenant's jobs; an admin
+key all of them."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.errors import InvalidRequestError, LLMOSError
-from llmos.kernel.jobs import Job, JobRunner, JobTable, new_job_id
+from llmos.kernel.jobs import LIVE, Job, JobRunner, JobTable, new_job_id
 from llmos.server.auth import Principal, authenticate, get_state
 from llmos.server.errors import APIError
 from llmos.server.routers.common import errors
 from llmos.server.state import ServerState
+from llmos.train.config import LORA_TARGETS, FinetuneConfig
+from llmos.train.dataset import build_examples, check_record, parse_jsonl
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 
 KIND = "fine_tune"
 MAX_RECORDS = 100_000
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Status = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
 
 class Hyperparameters(BaseModel):
@@ -54,7 +58,7 @@ class FineTuningJob(BaseModel):
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     id: str
     model: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: Status
     created_at: int
     started_at: int | None = None
     finished_at: int | None = None
@@ -67,7 +71,8 @@ class FineTuningJob(BaseModel):
     step: int
     total_steps: int | None
     progress: float = Field(description="0 to 1")
-    metrics: dict[str, float] = Field(description="the latest train_loss, val_loss, tokens_per_s, ...")
+    metrics: dict[str, float] = Field(description="the latest train_loss, val_loss, tokens_per_s, and "
+                                                  "yielded_s: seconds the job was held back for serving")
     error: dict[str, str] | None = None
 
 
@@ -95,8 +100,10 @@ class FineTuningEventList(BaseModel):
 
 def start(app: FastAPI, state: ServerState) -> JobRunner:
     """The job table under the agents home and its runner; a job that succeeds is loaded as
-    an adapter its tenant may use, where the server serves adapters."""
+    an adapter its tenant may use, where the server serves adapters. A running job is held
+    back while the engine has requests (where the engine can say so)."""
     home = state.settings.server.agents_path
+    busy = getattr(getattr(state.llm, "engine", None), "has_unfinished", None)
 
     def install(job: Job) -> dict | None:
         llm = state.llm
@@ -108,7 +115,7 @@ def start(app: FastAPI, state: ServerState) -> JobRunner:
         llm.load_adapter(job.name, out, tenants=[job.tenant])
         return {"fine_tuned_model": f"{state.model_name}:{job.name}", "adapter": job.name, "path": out}
 
-    runner = JobRunner(JobTable(home / "jobs.db"), home / "jobs", on_success=install)
+    runner = JobRunner(JobTable(home / "jobs.db"), home / "jobs", on_success=install, busy=busy)
     app.state.jobs = runner
     return runner
 
@@ -144,7 +151,6 @@ def _read_training_file(state: ServerState, principal: Principal, path: str) -> 
 
 def _prepare(state: ServerState, body: CreateJob, raw: bytes | None) -> list[dict]:
     """The checked records, or a 400 naming the line and the reason."""
-    from llmos.train.dataset import build_examples, check_record, parse_jsonl
     if raw is not None:
         try:
             text = raw.decode("utf-8")
@@ -184,22 +190,20 @@ async def create(body: CreateJob, request: Request, principal: Principal = Depen
     adapter = state.llm.adapter(name) if hasattr(state.llm, "adapter") else None
     if adapter is not None and not principal.admin and adapter.tenants != [principal.tenant]:
         raise APIError(409, f"suffix: adapter {name!r} is taken", param="suffix", code="adapter_exists")
-    if any(j.name == name for j in runner.table.list(state="queued") + runner.table.list(state="running")):
-        raise APIError(409, f"suffix: a queued or running job already trains {name!r}", param="suffix",
+    if any(j.name == name for st in LIVE for j in runner.table.list(state=st)):
+        raise APIError(409, f"suffix: an unfinished job already trains {name!r}", param="suffix",
                        code="adapter_exists")
     raw = None
     if body.training_file is not None:
         raw = await anyio.to_thread.run_sync(_read_training_file, state, principal, body.training_file)
     records = await anyio.to_thread.run_sync(_prepare, state, body, raw)
     where = runner.job_dir(job_id)
-    from llmos.train.config import LORA_TARGETS
     spec = {"data": str(where / "train.jsonl"), "out": str(where / "adapter"), "model": state.llm.config.model,
             "rank": h.rank, "alpha": h.alpha, "epochs": h.n_epochs, "lr": h.learning_rate, "batch_size": h.batch_size,
             "val_split": h.val_split, "max_len": h.max_len, "truncate": h.truncate, "seed": body.seed,
             "target_modules": h.target_modules or list(LORA_TARGETS)}
 
     def write() -> Job:
-        from llmos.train.config import FinetuneConfig
         FinetuneConfig(**spec).check()
         where.mkdir(parents=True, exist_ok=True)
         with open(where / "train.jsonl", "w") as f:
@@ -213,7 +217,7 @@ async def create(body: CreateJob, request: Request, principal: Principal = Depen
 
 @router.get("/jobs", response_model=FineTuningJobList, responses=errors(400, 401))
 async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=1000),
-                    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+                    status: Status | None = None,
                     principal: Principal = Depends(authenticate), state: ServerState = Depends(get_state)):
     """Newest first; `counts` has the caller's jobs by status (an admin's: everyone's)."""
     table = _runner(request).table
@@ -240,6 +244,21 @@ async def cancel(job_id: str, request: Request, principal: Principal = Depends(a
     job = _visible(request, principal, job_id)
     job = await anyio.to_thread.run_sync(_runner(request).cancel, job.id)
     return _body(state, job)
+
+
+@router.post("/jobs/{job_id}/pause", response_model=FineTuningJob, responses=errors(400, 401, 404, 409))
+async def pause(job_id: str, request: Request, principal: Principal = Depends(authenticate),
+                state: ServerState = Depends(get_state)):
+    """Stop a running job where it is (its process kept, not training) until resumed."""
+    job = _visible(request, principal, job_id)
+    return _body(state, await anyio.to_thread.run_sync(_runner(request).pause, job.id))
+
+
+@router.post("/jobs/{job_id}/resume", response_model=FineTuningJob, responses=errors(400, 401, 404, 409))
+async def resume(job_id: str, request: Request, principal: Principal = Depends(authenticate),
+                 state: ServerState = Depends(get_state)):
+    job = _visible(request, principal, job_id)
+    return _body(state, await anyio.to_thread.run_sync(_runner(request).resume, job.id))
 
 
 @router.get("/jobs/{job_id}/events", response_model=FineTuningEventList, responses=errors(400, 401, 404))
