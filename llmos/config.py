@@ -53,6 +53,16 @@ class EngineConfig:
     # Weights also kept in this dtype for steps of at most 4 tokens (memory-bound decode):
     # about twice the single-stream speed, but tokens then depend on the batch size.
     decode_dtype: str | None = None
+    # Quantized weights: "auto" keeps a GGUF's Q4_0/Q4_1/Q8_0 matrices packed and multiplies
+    # them in place where that measures faster (small steps), "packed" always, "float32"
+    # dequantizes them at load (the reference path). `quantization` packs a float model's
+    # matrices at load. `packed_activations`: float32 multiplies the packed weights with exact
+    # activations (the same tokens as the float32 path, whatever the batch), int8 quantizes
+    # the activations for integer dot products as llama.cpp does (faster for one stream;
+    # tokens then depend slightly on which path a step takes).
+    compute: str = "auto"
+    quantization: str | None = None
+    packed_activations: str = "float32"
     seed: int = 0
     num_threads: int | None = None
     # Structured output: bounds put on JSON-schema numbers and strings that have none, so a
@@ -97,6 +107,13 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.decode_dtype not in (None, "bfloat16", "float16"):
             raise InvalidRequestError(f"decode_dtype: must be bfloat16, float16 or unset, got {self.decode_dtype!r}")
+        if self.compute not in ("auto", "packed", "float32"):
+            raise InvalidRequestError(f"compute: must be auto, packed or float32, got {self.compute!r}")
+        if self.quantization not in (None, "q8_0", "q4_0", "q4_1"):
+            raise InvalidRequestError(f"quantization: must be q8_0, q4_0, q4_1 or unset, got {self.quantization!r}")
+        if self.packed_activations not in ("int8", "float32"):
+            raise InvalidRequestError(
+                f"packed_activations: must be int8 or float32, got {self.packed_activations!r}")
         if self.device == "auto":
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"

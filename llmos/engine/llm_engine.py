@@ -52,14 +52,16 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        loaded = load_model(config.model)
+        loaded = load_model(config.model, packed=config.compute != "float32" or config.quantization is not None)
         self.model_name = loaded.name
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.runner = ModelRunner(cfg, loaded.weights, block_size=config.block_size,
                                   kv_cache_memory=config.kv_cache_memory, max_model_len=self.max_model_len,
-                                  device=config.device, dtype=config.dtype, decode_dtype=config.decode_dtype)
+                                  device=config.device, dtype=config.dtype, decode_dtype=config.decode_dtype,
+                                  compute=config.compute, quantization=config.quantization,
+                                  packed_activations=config.packed_activations, requantize=loaded.quantized)
         del loaded
         self.kernel = Kernel(config, num_blocks=self.runner.num_blocks,
                              bytes_per_block=kv_bytes_per_block(cfg, config.block_size, self.runner.dtype),
@@ -196,6 +198,14 @@ class LLMEngine:
             return False
         self._finish(seq, "abort")
         return True
+
+    def perplexity(self, text: str | list[int]) -> float:
+        """exp(mean negative log-likelihood) of a text under the model as this engine computes
+        it (its weights, compute path and kernels): how much quantization costs. Idle engine only."""
+        if self.has_unfinished():
+            raise InvalidRequestError("perplexity: the engine has requests in flight; measure on an idle engine")
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
+        return float(torch.exp(-self.runner.score(ids[:self.max_model_len]).mean()))
 
     def has_unfinished(self) -> bool:
         return self.kernel.has_work()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from llmos.engine.lora import LoraBank
+from llmos.config import llmos_home
+from llmos.engine.packed import best_of, plan_compute
 from llmos.engine.transformer import AttentionMetadata, Transformer
 from llmos.kernel.request import ScheduledSeq, Sequence
 from llmos.models.config import ModelConfig
+from llmos.models.packed import PackedTensor
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,13 +23,19 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], *, block_size: int,
                  kv_cache_memory: int, max_model_len: int, device: str, dtype: str,
-                 decode_dtype: str | None = None) -> None:
+                 decode_dtype: str | None = None, compute: str = "float32", quantization: str | None = None,
+                 packed_activations: str = "float32", requantize: set[str] | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
         self.block_size = block_size
+        weights, self.plan = plan_compute(weights, compute=compute, quantization=quantization,
+                                          activations=packed_activations, requantize=requantize or set(),
+                                          device=self.device.type)
         self.model = Transformer(cfg, weights, max_model_len, self.device, self.dtype,
-                                 _DTYPES[decode_dtype] if decode_dtype else None)
+                                 _DTYPES[decode_dtype] if decode_dtype else None, plan=self.plan)
+        del weights
+        self.plan.describe(self.model.matrices())
         self.lora = LoraBank(cfg.num_layers)   # resident LoRA adapters, by name
         self.num_blocks = max(1, kv_cache_memory // kv_bytes_per_block(cfg, block_size, self.dtype))
         slots = self.num_blocks * block_size
@@ -36,6 +45,34 @@ class ModelRunner:
              torch.zeros(slots, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device))
             for _ in range(cfg.num_layers)
         ]
+        self.model.bind_caches(self.kv_caches)
+        shapes = [[m.qtype if isinstance(m, PackedTensor) else str(m.dtype), list(m.shape)]
+                  for m in self.model.matrices()]
+        self.plan.measure(self._time_decode_step, shapes, llmos_home() / "cache" / "compute-plans.json")
+
+    def _time_decode_step(self, n: int, packed: bool) -> float:
+        """Seconds for one decode step of n sequences with 32-token contexts, on the packed
+        or the float32 path (at load, before any request: it writes scratch KV slots)."""
+        ctx = 32
+        per = -(-ctx // self.block_size)
+        n = min(n, self.num_blocks // per)
+        if n < 1:
+            return float("inf")
+        tables = torch.arange(n * per, device=self.device).view(n, per)
+        lens = torch.full((n,), ctx, dtype=torch.long, device=self.device)
+        slots = tables[:, (ctx - 1) // self.block_size] * self.block_size + (ctx - 1) % self.block_size
+        meta = AttentionMetadata(slot_mapping=slots, decode_token_idx=torch.arange(n, device=self.device),
+                                 decode_block_tables=tables, decode_context_lens=lens, block_size=self.block_size,
+                                 prefills=[])
+        ids = torch.full((n,), 1, dtype=torch.long, device=self.device)
+        pos = torch.full((n,), ctx - 1, dtype=torch.long, device=self.device)
+        keep = self.plan.packed_max_tokens
+        self.plan.packed_max_tokens = n if packed else 0
+        try:
+            return best_of(lambda: self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device)))
+        finally:
+            self.plan.packed_max_tokens = keep
+            self.plan.steps = {"packed": 0, "float32": 0}
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -98,6 +135,20 @@ class ModelRunner:
         lora = self.lora.plan([(item.seq.adapter, item.num_new_tokens) for item in batch], self.device)
         logits = self.model(input_ids, positions, self.kv_caches, meta, sample_idx, lora)
         return logits.cpu()
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """log P(token i | tokens before it) for i >= 1, from one causal prefill written to
+        the pool's first slots: a quality measurement (perplexity) for an idle engine only."""
+        n = len(token_ids)
+        if not 2 <= n <= self.num_blocks * self.block_size:
+            raise ValueError(f"score: needs 2 to {self.num_blocks * self.block_size} tokens, got {n}")
+        dev = self.device
+        slots = torch.arange(n, device=dev)
+        meta = AttentionMetadata(slot_mapping=slots, decode_token_idx=None, decode_block_tables=None,
+                                 decode_context_lens=None, block_size=self.block_size, prefills=[(0, n, slots, None)])
+        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        logits = self.model(ids, torch.arange(n, device=dev), self.kv_caches, meta, torch.arange(n - 1, device=dev))
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, ids[1:].unsqueeze(1)).squeeze(1).cpu()
 
     # -- context switching: copy a sequence's blocks out of the pool and back -------------
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:

@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from llmos.engine.lora import LoraBatch
+from llmos.engine.packed import (ComputePlan, decode_stack, dequant_linear, dequantize, embedding, matmul, quantize,
+                                 scratch_for)
 from llmos.engine.paged_attention import paged_decode_attention, rope_and_store
 from llmos.models.config import ModelConfig
+from llmos.models.packed import PackedTensor
 
 
 @dataclass
@@ -57,7 +60,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class Transformer(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
                  device: torch.device, dtype: torch.dtype, decode_dtype: torch.dtype | None = None,
-                 decode_max_tokens: int = 4) -> None:
+                 decode_max_tokens: int = 4, plan: ComputePlan | None = None) -> None:
+        """`weights` may hold PackedTensors (matrices in GGUF block formats): those stay
+        packed, and `plan` says which steps multiply them in place."""
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
@@ -66,8 +71,9 @@ class Transformer(torch.nn.Module):
         self.n_rep = H // KVH
         self.scale = 1.0 / math.sqrt(D)
 
-        def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dtype)
+        def w(name: str) -> torch.Tensor | PackedTensor:
+            t = weights[name]
+            return t if isinstance(t, PackedTensor) else t.to(device=device, dtype=dtype)
 
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
@@ -81,11 +87,11 @@ class Transformer(torch.nn.Module):
                 qkv_b = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
             self.layers.append({
                 "in_norm": w(p + "input_layernorm.weight"),
-                "qkv": torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
+                "qkv": _stack([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
                 "qkv_b": qkv_b,
                 "o": w(a + "o_proj.weight"),
                 "post_norm": w(p + "post_attention_layernorm.weight"),
-                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                "gate_up": _stack([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
                 "down": w(p + "mlp.down_proj.weight"),
             })
         # Optional second copy of the matrices for small steps: a decode step of one or a few
@@ -94,7 +100,12 @@ class Transformer(torch.nn.Module):
         self.decode_max_tokens = decode_max_tokens
         self.small: list[dict[str, torch.Tensor]] | None = None
         self.small_lm_head: torch.Tensor | None = None
-        if decode_dtype is not None and decode_dtype != dtype:
+        self.plan = plan
+        packed = [m for m in self.matrices() if isinstance(m, PackedTensor)]
+        self._scratch = scratch_for(packed) if packed else None
+        self._packed_step = False
+        self.stack = None
+        if decode_dtype is not None and decode_dtype != dtype and not packed:
             mats = ("qkv", "o", "gate_up", "down")
             self.small = [{k: layer[k].to(decode_dtype) for k in mats} for layer in self.layers]
             self.small_lm_head = self.lm_head.to(decode_dtype)
@@ -104,6 +115,22 @@ class Transformer(torch.nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def bind_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """With every layer packed on the CPU: the C++ decode stack that runs a decode step
+        through all layers in one call (packed.DecodeStack), over these KV caches."""
+        self.stack = None
+        if self.plan is None or self.plan.mode == "float32" or not all(
+                isinstance(layer[k], PackedTensor) for layer in self.layers for k in ("qkv", "o", "gate_up", "down")):
+            return
+        c = self.cfg
+        self.stack = decode_stack(c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                  c.rms_norm_eps, self.layers, kv_caches)
+
+    def matrices(self) -> list[torch.Tensor | PackedTensor]:
+        """Every weight matrix a step multiplies by, the LM head last."""
+        mats = [layer[k] for layer in self.layers for k in ("qkv", "o", "gate_up", "down")]
+        return mats + [self.lm_head]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
@@ -144,8 +171,15 @@ class Transformer(torch.nn.Module):
         `lora` adds each row's adapter to the projections (None: no row has one)."""
         T = input_ids.shape[0]
         H, KVH, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        x = F.embedding(input_ids, self.embed)
+        x = embedding(self.embed, input_ids) if isinstance(self.embed, PackedTensor) else F.embedding(input_ids, self.embed)
         small = self.small is not None and T <= self.decode_max_tokens
+        self._packed_step = self.plan is not None and self.plan.packed(T)
+        if (self._packed_step and self.stack is not None and lora is None and not meta.prefills
+                and meta.decode_token_idx is not None and meta.decode_token_idx.shape[0] == T):
+            x = self.stack.forward(x.contiguous(), positions, self.cos, self.sin, meta.slot_mapping,
+                                   meta.decode_block_tables, meta.decode_context_lens, meta.block_size,
+                                   self.scale, self.plan.int8, -1)
+            return self._head(x, sample_idx, small)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             mats = self.small[i] if small else layer
             h = self._norm(x, layer["in_norm"])
@@ -169,11 +203,29 @@ class Transformer(torch.nn.Module):
             if lora is not None:
                 lora.add(i, "down", act, down)
             x = x + down
+        return self._head(x, sample_idx, small)
+
+    def _head(self, x: torch.Tensor, sample_idx: torch.Tensor, small: bool) -> torch.Tensor:
         h = self._norm(x[sample_idx], self.final_norm)
+        self._packed_step = self.plan is not None and h.shape[0] <= self.plan.packed_max_tokens
         return self._linear(h, self.small_lm_head if small else self.lm_head).float()
 
-    @staticmethod
-    def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | PackedTensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, PackedTensor):
+            y = matmul(x, w, self.plan.int8) if self._packed_step else dequant_linear(x, w, self._scratch)
+            return y if b is None else y + b
         if w.dtype == x.dtype:
             return F.linear(x, w, b)
         return F.linear(x.to(w.dtype), w).to(x.dtype) + (b if b is not None else 0)
+
+
+def _stack(parts: list[torch.Tensor | PackedTensor]) -> torch.Tensor | PackedTensor:
+    """Matrices fused into one (q, k, v; gate, up). Packed parts of one type stay packed; a
+    mix (a file that stores v at higher precision than q) is stacked as q8_0, or float32
+    where some part is float."""
+    if not any(isinstance(p, PackedTensor) for p in parts):
+        return torch.cat(parts)
+    if all(isinstance(p, PackedTensor) for p in parts) and len({p.qtype for p in parts}) == 1:
+        return PackedTensor.cat(parts)
+    dense = torch.cat([dequantize(p) if isinstance(p, PackedTensor) else p.float() for p in parts])
+    return quantize(dense, "q8_0") if all(isinstance(p, PackedTensor) for p in parts) else dense

@@ -21,9 +21,12 @@ from gguf.quants import dequantize
 from llmos.errors import ModelLoadError
 from llmos.models.config import ModelConfig
 from llmos.models.hf_loader import check_weight_shapes
+from llmos.models.packed import PackedTensor
 from llmos.models.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+PACKED_TYPES = {Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q8_0: "q8_0"}   # kept packed; the engine has kernels for these
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -137,18 +140,28 @@ class GGUFCheckpoint:
             return _llama3_rope_scaling(self.path, self._dequantize(self._tensors[_ROPE_FREQS]), theta, head_dim)
         return None
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Every tensor dequantized to float32, under its HF name, q/k rows back in HF order."""
+    def weights(self, packed: bool = False) -> dict[str, torch.Tensor | PackedTensor]:
+        """Every tensor under its HF name, q/k rows back in HF order: float32, or with `packed`
+        the matrices of a type the engine has kernels for as their GGUF blocks (PackedTensor)."""
         c = self.config
         weights = {}
         for name, t in self._tensors.items():
             if name == _ROPE_FREQS:
                 continue
-            w = self._dequantize(t)
+            if packed and t.tensor_type in PACKED_TYPES and len(t.shape) == 2:
+                shape = tuple(int(d) for d in reversed(t.shape))
+                w = PackedTensor(torch.from_numpy(np.array(t.data, dtype=np.uint8)), PACKED_TYPES[t.tensor_type], shape)
+            else:
+                w = self._dequantize(t)
             if c.architecture != "qwen2" and (".attn_q." in name or ".attn_k." in name):
                 w = _unpermute(w, c.num_heads if ".attn_q." in name else c.num_kv_heads)
             weights[hf_name(name)] = w
         return weights
+
+    def quantized_names(self) -> set[str]:
+        """HF names of the matrices the file holds quantized (in any GGUF block format)."""
+        return {hf_name(n) for n, t in self._tensors.items()
+                if n != _ROPE_FREQS and t.tensor_type not in FLOAT_TYPES and len(t.shape) == 2}
 
     def _dequantize(self, t) -> torch.Tensor:
         w = dequantize(t.data, t.tensor_type)
@@ -157,9 +170,13 @@ class GGUFCheckpoint:
         return torch.from_numpy(w.astype(np.float32, copy=False)).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def _unpermute(w: torch.Tensor | PackedTensor, n_head: int) -> torch.Tensor | PackedTensor:
     """Invert llama.cpp's convert_hf_to_gguf permute(), which moved rows (head, 2, d/2) to (head, d/2, 2)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    rows = w.shape[0]
+    if isinstance(w, PackedTensor):   # whole rows move; a block never spans two rows
+        order = torch.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(1, 2).reshape(rows)
+        return w.permute_rows(order)
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _llama3_rope_scaling(path: Path, factors: torch.Tensor, theta: float, head_dim: int) -> dict | None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from llmos.config import llmos_home
 from llmos.models.config import ModelConfig
 from llmos.models.gguf_loader import GGUFCheckpoint
 from llmos.models.hf_loader import HFCheckpoint, check_weight_shapes
+from llmos.models.packed import PackedTensor
 from llmos.models.store import ModelStore
 from llmos.models.tokenizer import Tokenizer
 
@@ -33,14 +34,16 @@ CACHE_FORMAT = "1"   # bump when what the cache holds (names, layout, unpermute)
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]   # float32, Hugging Face names
+    weights: dict[str, torch.Tensor | PackedTensor]   # float32 (or packed, when asked), Hugging Face names
     tokenizer: Tokenizer
     path: Path
     name: str
+    quantized: set[str] = field(default_factory=set)   # matrices the file holds quantized
 
 
-def load_model(name_or_path: str, cache: bool = True) -> LoadedModel:
-    """Load a store name, a .gguf file or a Hugging Face directory; GGUFs go through the weight cache."""
+def load_model(name_or_path: str, cache: bool = True, packed: bool = False) -> LoadedModel:
+    """Load a store name, a .gguf file or a Hugging Face directory; GGUFs go through the weight
+    cache, or with `packed` keep their Q4_0 / Q4_1 / Q8_0 matrices as the file has them."""
     store = ModelStore()
     path = store.resolve(name_or_path)
     name = (path.relative_to(store.root).parts[0] if store.root in path.parents
@@ -48,33 +51,36 @@ def load_model(name_or_path: str, cache: bool = True) -> LoadedModel:
     if path.is_dir():
         ckpt = HFCheckpoint(path)
         return LoadedModel(ckpt.config, ckpt.weights(), ckpt.tokenizer, path, name)
-    weight_cache = WeightCache(path)
+    weight_cache = WeightCache(path, packed=packed)
     hit = weight_cache.load() if cache else None
     if hit is None:
         ckpt = GGUFCheckpoint(path)
-        hit = ckpt.config, ckpt.weights(), ckpt.tokenizer
+        hit = ckpt.config, ckpt.weights(packed=packed), ckpt.tokenizer, ckpt.quantized_names() if packed else set()
         if cache:
             weight_cache.store(*hit)
-    return LoadedModel(hit[0], hit[1], hit[2], path, name)
+    return LoadedModel(hit[0], hit[1], hit[2], path, name, hit[3])
 
 
 class WeightCache:
-    """A GGUF's dequantized weights, config and tokenizer in one safetensors file.
+    """A GGUF's dequantized weights (or, `packed`, its Q4_0/Q4_1/Q8_0 matrices as the file's
+    bytes), config and tokenizer in one safetensors file: opening a GGUF parses all its
+    metadata (seconds), the cache is an mmap.
 
     The key is the GGUF's absolute path, size and mtime, so an edited or replaced file
     never meets a stale cache; anything wrong with a cache file means it is rebuilt.
     """
 
-    def __init__(self, source: Path, root: Path | None = None):
+    def __init__(self, source: Path, root: Path | None = None, packed: bool = False):
+        self.packed = packed
         self.source = source.resolve()
         st = self.source.stat()
         where = hashlib.sha256(str(self.source).encode()).hexdigest()[:8]
         what = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:12]
         self.root = root or llmos_home() / "cache"
-        self._prefix = f"{self.source.stem}-{where}-"
+        self._prefix = f"{self.source.stem}-{where}-" + ("packed-" if packed else "")
         self.path = self.root / f"{self._prefix}{what}.safetensors"
 
-    def load(self) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer] | None:
+    def load(self) -> tuple[ModelConfig, dict[str, torch.Tensor | PackedTensor], Tokenizer, set[str]] | None:
         """The cached entry, memory-mapped, or None if there is none or it is unusable."""
         if not self.path.is_file():
             return None
@@ -85,27 +91,36 @@ class WeightCache:
                     raise ValueError("written for another source or format")
                 config = ModelConfig(**json.loads(meta["config"]))
                 names = list(f.keys())
-                if any(f.get_slice(k).get_dtype() != "F32" for k in names):
-                    raise ValueError("holds non-float32 tensors")
-                check_weight_shapes({k: tuple(f.get_slice(k).get_shape()) for k in names}, config, str(self.path))
+                packed = json.loads(meta.get("packed", "{}"))    # name -> [qtype, rows, cols]
+                if any(f.get_slice(k).get_dtype() != ("U8" if k in packed else "F32") for k in names):
+                    raise ValueError("holds tensors of unexpected types")
+                shapes = {k: tuple(packed[k][1:]) if k in packed else tuple(f.get_slice(k).get_shape()) for k in names}
+                check_weight_shapes(shapes, config, str(self.path))
                 tokenizer = Tokenizer.from_json(meta["tokenizer"])
-                weights = {k: f.get_tensor(k) for k in names}
+                weights = {k: PackedTensor(f.get_tensor(k), packed[k][0], shapes[k]) if k in packed else f.get_tensor(k)
+                           for k in names}
+                quantized = set(json.loads(meta.get("quantized", "[]")))
         except Exception as e:   # any failure (bad header, short file, wrong set) means: rebuild it
             log.warning("weight cache %s is unusable (%s); rebuilding it", self.path, e)
             self.path.unlink(missing_ok=True)
             return None
-        return config, weights, tokenizer
+        return config, weights, tokenizer, quantized
 
-    def store(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer) -> None:
+    def store(self, config: ModelConfig, weights: dict[str, torch.Tensor | PackedTensor], tokenizer: Tokenizer,
+              quantized: set[str] = frozenset()) -> None:
         """Write atomically (temp file, then rename) and drop this source's older entries."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(f"{self._prefix}*.safetensors"):
-                stale.unlink(missing_ok=True)
-            save_file(weights, str(tmp), metadata={"format": CACHE_FORMAT, "source": str(self.source),
+                if ("-packed-" in stale.name) == self.packed:
+                    stale.unlink(missing_ok=True)
+            packed = {k: [w.qtype, *w.shape] for k, w in weights.items() if isinstance(w, PackedTensor)}
+            tensors = {k: w.data if isinstance(w, PackedTensor) else w for k, w in weights.items()}
+            save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "source": str(self.source),
                                                    "config": json.dumps(asdict(config)),
-                                                   "tokenizer": tokenizer.to_json()})
+                                                   "tokenizer": tokenizer.to_json(), "packed": json.dumps(packed),
+                                                   "quantized": json.dumps(sorted(quantized))})
             os.replace(tmp, self.path)
         except OSError as e:   # a full disk or read-only home costs speed next time, not this load
             log.warning("cannot write weight cache %s: %s", self.path, e)

@@ -1,0 +1,757 @@
+// Matrix products straight from GGUF-packed weights (Q4_0, Q4_1, Q8_0).
+//
+// A decode step reads every weight once and does little arithmetic with it, so its speed is
+// the bytes it reads: 4.5-8.5 bits a weight here instead of 32. Two variants:
+//   int8:  the activations are quantized to 8 bits per block of 32 (a float scale each) and
+//          multiplied with the weights' integers (AVX2 vpmaddubsw: 32 multiply-adds an
+//          instruction), as llama.cpp does;
+//   exact: the weights are dequantized in registers and multiplied with float32 activations:
+//          the same result as float32 weights up to summation order.
+// Each has an AVX2+FMA+F16C version chosen at run time from the CPU's features and a
+// portable C++ version, which runs everywhere and is what the AVX2 one is tested against.
+// Work is split over weight rows with at::parallel_for (torch's own thread pool).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLMOS_X86 1
+#endif
+
+namespace {
+
+constexpr int QK = 32;                      // weights per block, every type here
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };   // GGML's type ids
+
+int64_t block_bytes(int64_t t) {
+  switch (t) {
+    case Q4_0: return 18;   // fp16 d, 16 bytes of nibbles:         w = d * (q - 8)
+    case Q4_1: return 20;   // fp16 d, fp16 m, 16 bytes of nibbles: w = d * q + m
+    case Q8_0: return 34;   // fp16 d, 32 int8:                     w = d * q
+  }
+  TORCH_CHECK(false, "unsupported packed type ", t);
+}
+
+// An activation block quantized to 8 bits: x ~= d * qs; s = d * sum(qs) (for Q4_0 / Q4_1's offsets).
+struct ActBlock {
+  float d;
+  float s;
+  int8_t qs[QK];
+};
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {                                 // subnormal: normalise
+      exp = 1;
+      while (!(man & 0x400)) { man <<= 1; --exp; }
+      man &= 0x3FF;
+      bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_half(float f) {     // round to nearest even, as numpy's float16 does
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = (x >> 16) & 0x8000;
+  const uint32_t absx = x & 0x7FFFFFFF;
+  if (absx >= 0x7F800000) return sign | 0x7C00 | (absx > 0x7F800000 ? 0x200 : 0);
+  if (absx >= 0x477FF000) return sign | 0x7C00;              // overflows to inf
+  if (absx < 0x38800000) {                                   // subnormal or zero
+    if (absx < 0x33000000) return sign;
+    const uint32_t e = absx >> 23, m = (absx & 0x7FFFFF) | 0x800000;
+    const int shift = 126 - e;
+    uint32_t r = m >> (shift - 10 + 1 + 12);
+    const uint32_t rem = m & ((1u << (shift + 3)) - 1), half = 1u << (shift + 2);
+    if (rem > half || (rem == half && (r & 1))) ++r;
+    return sign | r;
+  }
+  uint32_t r = absx - 0x38000000;
+  r = (r + 0xFFF + ((r >> 13) & 1)) >> 13;
+  return sign | (uint16_t)r;
+}
+
+inline float rd_half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable versions.
+
+void quantize_act_portable(const float* x, int64_t nb, ActBlock* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.f;
+    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f, id = d ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      const int q = (int)std::nearbyint(xb[j] * id);
+      out[b].qs[j] = (int8_t)q;
+      sum += q;
+    }
+    out[b].d = d;
+    out[b].s = d * (float)sum;
+  }
+}
+
+// Weight w (row-major, K values per row) decoded to float, one block.
+inline void dequant_block(int64_t t, const uint8_t* w, float* out) {
+  if (t == Q8_0) {
+    const float d = rd_half(w);
+    const int8_t* q = (const int8_t*)(w + 2);
+    for (int j = 0; j < QK; ++j) out[j] = d * q[j];
+  } else {
+    const float d = rd_half(w);
+    const float m = t == Q4_1 ? rd_half(w + 2) : -8.f * d;
+    const uint8_t* q = w + (t == Q4_1 ? 4 : 2);
+    for (int j = 0; j < QK / 2; ++j) {
+      out[j] = d * (q[j] & 0x0F) + m;
+      out[j + QK / 2] = d * (q[j] >> 4) + m;
+    }
+  }
+}
+
+float dot_int8_portable(int64_t t, const uint8_t* w, const ActBlock* a, int64_t nb) {
+  const int64_t bs = block_bytes(t);
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += bs) {
+    const float d = rd_half(w);
+    int isum = 0;
+    if (t == Q8_0) {
+      const int8_t* q = (const int8_t*)(w + 2);
+      for (int j = 0; j < QK; ++j) isum += q[j] * a[b].qs[j];
+      sum += d * a[b].d * isum;
+    } else {
+      const uint8_t* q = w + (t == Q4_1 ? 4 : 2);
+      for (int j = 0; j < QK / 2; ++j) isum += (q[j] & 0x0F) * a[b].qs[j] + (q[j] >> 4) * a[b].qs[j + QK / 2];
+      sum += d * a[b].d * isum + (t == Q4_1 ? rd_half(w + 2) : -8.f * d) * a[b].s;
+    }
+  }
+  return sum;
+}
+
+float dot_exact_portable(int64_t t, const uint8_t* w, const float* x, int64_t nb) {
+  const int64_t bs = block_bytes(t);
+  float buf[QK];
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b, w += bs) {
+    dequant_block(t, w, buf);
+    float s = 0.f;
+    for (int j = 0; j < QK; ++j) s += buf[j] * x[b * QK + j];
+    sum += s;
+  }
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C versions, compiled for those features whatever the build flags say and
+// called only where the CPU has them.
+
+#ifdef LLMOS_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+AVX2 inline float h2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// 16 bytes of nibbles -> 32 bytes 0..15: low nibbles are values 0-15, high nibbles 16-31.
+AVX2 inline __m256i nibbles(const uint8_t* q) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)q);
+  const __m256i v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+// sum over 32 pairs of unsigned weight bytes and signed activation bytes, as 8 floats.
+AVX2 inline __m256 udot(__m256i w, __m256i a) {
+  const __m256i p16 = _mm256_maddubs_epi16(w, a);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+AVX2 inline __m256 sdot(__m256i w, __m256i a) {   // both signed: |w| times a with w's sign
+  return udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+}
+
+AVX2 void quantize_act_avx2(const float* x, int64_t nb, ActBlock* out) {
+  const __m256 signbit = _mm256_set1_ps(-0.f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(signbit, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 127.f, id = d ? 1.f / d : 0.f;
+    const __m256 mul = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], mul), _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
+    const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+    s = _mm_hadd_epi32(s, s);
+    s = _mm_hadd_epi32(s, s);
+    // int32 -> int16 -> int8, then undo the lane interleaving of the packs.
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)out[b].qs, p);
+    out[b].d = d;
+    out[b].s = d * (float)_mm_cvtsi128_si32(s);
+  }
+}
+
+// R activation rows against one weight row; out[r] = dot(w, a_r). R <= 4.
+template <int R>
+AVX2 void dot_int8_avx2(int64_t t, const uint8_t* w, const ActBlock* const* a, int64_t nb, float* out) {
+  const int64_t bs = block_bytes(t);
+  __m256 acc[R];
+  float off[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); off[r] = 0.f; }
+  for (int64_t b = 0; b < nb; ++b, w += bs) {
+    const float d = h2f(w);
+    if (t == Q8_0) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 2));
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)a[r][b].qs);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a[r][b].d), sdot(q, x), acc[r]);
+      }
+    } else {
+      const bool q41 = t == Q4_1;
+      const __m256i q = nibbles(w + (q41 ? 4 : 2));
+      const float m = q41 ? h2f(w + 2) : -8.f * d;
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)a[r][b].qs);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a[r][b].d), udot(q, x), acc[r]);
+        off[r] += m * a[r][b].s;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
+}
+
+// One block of weights as 4 x 8 floats.
+AVX2 inline void dequant_avx2(int64_t t, const uint8_t* w, __m256* f) {
+  const __m256 d = _mm256_set1_ps(h2f(w));
+  if (t == Q8_0) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 2));
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    f[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
+    f[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
+    f[2] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
+    f[3] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
+  } else {
+    const bool q41 = t == Q4_1;
+    const __m256 m = q41 ? _mm256_set1_ps(h2f(w + 2)) : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+    const __m256i q = nibbles(w + (q41 ? 4 : 2));
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    f[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m);
+    f[1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m);
+    f[2] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m);
+    f[3] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m);
+  }
+}
+
+template <int R>
+AVX2 void dot_exact_avx2(int64_t t, const uint8_t* w, const float* const* x, int64_t nb, float* out) {
+  const int64_t bs = block_bytes(t);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 f[4];
+  for (int64_t b = 0; b < nb; ++b, w += bs) {
+    dequant_avx2(t, w, f);
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x[r] + b * QK;
+      __m256 s = _mm256_mul_ps(f[0], _mm256_loadu_ps(xb));
+      s = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xb + 8), s);
+      s = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xb + 16), s);
+      acc[r] = _mm256_add_ps(acc[r], _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xb + 24), s));
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+AVX2 void dequant_row_avx2(int64_t t, const uint8_t* w, int64_t nb, float* out) {
+  const int64_t bs = block_bytes(t);
+  __m256 f[4];
+  for (int64_t b = 0; b < nb; ++b, w += bs, out += QK) {
+    dequant_avx2(t, w, f);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + 8 * i, f[i]);
+  }
+}
+#endif
+
+enum class Isa : int64_t { portable = 0, avx2 = 1 };
+
+bool has_avx2() {
+#ifdef LLMOS_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+Isa pick(int64_t isa) {   // -1: the best this CPU has
+  if (isa < 0) return has_avx2() ? Isa::avx2 : Isa::portable;
+  TORCH_CHECK(isa == 0 || (isa == 1 && has_avx2()), "isa ", isa, " is not available on this CPU");
+  return (Isa)isa;
+}
+
+void check(const torch::Tensor& w, int64_t t, int64_t n, int64_t k) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
+              "packed weights must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(k % QK == 0, "the row length ", k, " is not a multiple of the block size ", QK);
+  TORCH_CHECK(w.numel() == n * (k / QK) * block_bytes(t), "packed weights hold ", w.numel(), " bytes, ", n,
+              " rows of ", k, " need ", n * (k / QK) * block_bytes(t));
+}
+
+// Weight rows [j0, j1) against M activation rows, 4 at a time while the weight row sits in
+// L1: out[r * ldo + j] = (or +=, with accumulate) dot(w_j, x_r) (+ bias[j]).
+template <bool AVX>
+void rows_dot(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, const float* x, const ActBlock* act,
+              int64_t m, bool int8, float* out, int64_t ldo, const float* bias, bool accumulate) {
+  const int64_t nb = k / QK, row = nb * block_bytes(t);
+  float res[4];
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* wr = w + j * row;
+    for (int64_t r0 = 0; r0 < m; r0 += 4) {
+      const int R = (int)std::min<int64_t>(4, m - r0);
+      if (!AVX) {
+        for (int r = 0; r < R; ++r)
+          res[r] = int8 ? dot_int8_portable(t, wr, act + (r0 + r) * nb, nb) : dot_exact_portable(t, wr, x + (r0 + r) * k, nb);
+      }
+#ifdef LLMOS_X86
+      else if (int8) {
+        const ActBlock* a[4];
+        for (int r = 0; r < R; ++r) a[r] = act + (r0 + r) * nb;
+        switch (R) {
+          case 1: dot_int8_avx2<1>(t, wr, a, nb, res); break;
+          case 2: dot_int8_avx2<2>(t, wr, a, nb, res); break;
+          case 3: dot_int8_avx2<3>(t, wr, a, nb, res); break;
+          default: dot_int8_avx2<4>(t, wr, a, nb, res); break;
+        }
+      } else {
+        const float* xs[4];
+        for (int r = 0; r < R; ++r) xs[r] = x + (r0 + r) * k;
+        switch (R) {
+          case 1: dot_exact_avx2<1>(t, wr, xs, nb, res); break;
+          case 2: dot_exact_avx2<2>(t, wr, xs, nb, res); break;
+          case 3: dot_exact_avx2<3>(t, wr, xs, nb, res); break;
+          default: dot_exact_avx2<4>(t, wr, xs, nb, res); break;
+        }
+      }
+#endif
+      const float b = bias ? bias[j] : 0.f;
+      for (int r = 0; r < R; ++r) {
+        float& o = out[(r0 + r) * ldo + j];
+        o = accumulate ? o + res[r] + b : res[r] + b;
+      }
+    }
+  }
+}
+
+void quantize_act(bool avx, const float* x, int64_t nb, ActBlock* out) {
+#ifdef LLMOS_X86
+  if (avx) { quantize_act_avx2(x, nb, out); return; }
+#endif
+  quantize_act_portable(x, nb, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+// x [M, K] float32 times packed w [N rows of K]^T -> [M, N]. int8: activations quantized first.
+torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t t, int64_t n, int64_t k, bool int8, int64_t isa) {
+  check(w, t, n, k);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == torch::kFloat32,
+              "activations must be float32 [M, ", k, "]");
+  x = x.contiguous();
+  const bool avx = pick(isa) == Isa::avx2;
+  const int64_t m = x.size(0), nb = k / QK, row = nb * block_bytes(t);
+  auto out = torch::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  std::vector<ActBlock> act;
+  if (int8) {
+    act.resize(m * nb);
+    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) quantize_act(avx, xp + r * k, nb, act.data() + r * nb);
+    });
+  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1));
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    if (avx) rows_dot<true>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
+    else rows_dot<false>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
+  });
+  return out;
+}
+
+// Packed rows -> float32 [N, K], into `out` when given (a reused buffer), else a new tensor.
+torch::Tensor dequantize(torch::Tensor w, int64_t t, int64_t n, int64_t k, c10::optional<torch::Tensor> out_,
+                         int64_t isa) {
+  check(w, t, n, k);
+  const Isa use = pick(isa);
+  torch::Tensor out = out_.has_value() ? *out_ : torch::empty({n, k}, torch::kFloat32);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.numel() == n * k,
+              "out must be a contiguous float32 tensor of ", n * k, " values");
+  const int64_t nb = k / QK, row = nb * block_bytes(t);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / k), [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; ++j) {
+#ifdef LLMOS_X86
+      if (use == Isa::avx2) { dequant_row_avx2(t, wp + j * row, nb, op + j * k); continue; }
+#endif
+      for (int64_t b = 0; b < nb; ++b) dequant_block(t, wp + j * row + b * block_bytes(t), op + j * k + b * QK);
+    }
+  });
+  return out.view({n, k});
+}
+
+// float32 [N, K] -> packed rows, llama.cpp's reference rounding (ggml quantize_row_*_ref).
+torch::Tensor quantize(torch::Tensor x, int64_t t) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "quantize wants a float32 matrix");
+  const int64_t n = x.size(0), k = x.size(1);
+  TORCH_CHECK(k % QK == 0, "the row length ", k, " is not a multiple of the block size ", QK);
+  x = x.contiguous();
+  const int64_t nb = k / QK, bs = block_bytes(t);
+  auto out = torch::empty({n, nb * bs}, torch::kUInt8);
+  const float* xp = x.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n * nb, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      const float* xb = xp + i * QK;
+      uint8_t* ob = op + i * bs;
+      uint16_t h;
+      if (t == Q8_0) {
+        float amax = 0.f;
+        for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float d = amax / 127.f, id = d ? 1.f / d : 0.f;
+        h = float_to_half(d);
+        std::memcpy(ob, &h, 2);
+        for (int j = 0; j < QK; ++j) ob[2 + j] = (uint8_t)(int8_t)std::nearbyint(xb[j] * id);
+      } else if (t == Q4_0) {
+        float amax = 0.f, mx = 0.f;                // the value of largest magnitude maps to -8
+        for (int j = 0; j < QK; ++j)
+          if (std::fabs(xb[j]) > amax) { amax = std::fabs(xb[j]); mx = xb[j]; }
+        const float d = mx / -8.f, id = d ? 1.f / d : 0.f;
+        h = float_to_half(d);
+        std::memcpy(ob, &h, 2);
+        for (int j = 0; j < QK / 2; ++j) {
+          const int a = std::min(15, (int)(xb[j] * id + 8.5f)), b = std::min(15, (int)(xb[j + QK / 2] * id + 8.5f));
+          ob[2 + j] = (uint8_t)(a | (b << 4));
+        }
+      } else {
+        TORCH_CHECK(t == Q4_1, "unsupported packed type ", t);
+        float lo = xb[0], hi = xb[0];
+        for (int j = 1; j < QK; ++j) { lo = std::min(lo, xb[j]); hi = std::max(hi, xb[j]); }
+        const float d = (hi - lo) / 15.f, id = d ? 1.f / d : 0.f;
+        h = float_to_half(d);
+        std::memcpy(ob, &h, 2);
+        h = float_to_half(lo);
+        std::memcpy(ob + 2, &h, 2);
+        for (int j = 0; j < QK / 2; ++j) {
+          const int a = std::min(15, (int)((xb[j] - lo) * id + 0.5f));
+          const int b = std::min(15, (int)((xb[j + QK / 2] - lo) * id + 0.5f));
+          ob[4 + j] = (uint8_t)(a | (b << 4));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A decode step through every layer in one call.
+//
+// A one-token step does little work per operation, so launching ~15 PyTorch ops and 4
+// matmuls per layer (each a parallel region that wakes the thread pool) costs more than the
+// arithmetic. Here one parallel region runs the whole stack: the threads split each matmul's
+// weight rows and the attention's (token, KV head) pairs, and meet at a spinning barrier
+// between the steps that need each other's results. The small serial steps (RMSNorm, SiLU*up,
+// activation quantization) each thread computes for itself, which is cheaper than a barrier.
+// The threads spin only inside the step, while all of them have work.
+
+struct SpinBarrier {
+  std::atomic<int> count{0}, generation{0};
+  int n = 1;
+  void wait() {
+    const int gen = generation.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      generation.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 20000) {
+#ifdef LLMOS_X86
+        _mm_pause();
+#endif
+      } else {
+        std::this_thread::yield();   // the other thread was descheduled: give the core back
+      }
+    }
+  }
+};
+
+struct Layer {
+  torch::Tensor qkv, o, gate_up, down;    // packed rows
+  int64_t t_qkv, t_o, t_gate_up, t_down;
+  torch::Tensor in_norm, post_norm, qkv_bias;   // float32; qkv_bias may be undefined
+};
+
+class DecodeStack {
+ public:
+  DecodeStack(int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps)
+      : hidden_(hidden), inter_(inter), H_(heads), KVH_(kv_heads), D_(head_dim), eps_((float)eps) {}
+
+  void add_layer(torch::Tensor qkv, int64_t t_qkv, torch::Tensor o, int64_t t_o, torch::Tensor gate_up,
+                 int64_t t_gate_up, torch::Tensor down, int64_t t_down, torch::Tensor in_norm,
+                 torch::Tensor post_norm, c10::optional<torch::Tensor> qkv_bias, torch::Tensor k_cache,
+                 torch::Tensor v_cache) {
+    const int64_t q = (H_ + 2 * KVH_) * D_;
+    check(qkv, t_qkv, q, hidden_);
+    check(o, t_o, hidden_, H_ * D_);
+    check(gate_up, t_gate_up, 2 * inter_, hidden_);
+    check(down, t_down, hidden_, inter_);
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32,
+                "KV caches must be contiguous float32 [slots, KVH, D]");
+    Layer l{qkv, o, gate_up, down, t_qkv, t_o, t_gate_up, t_down, in_norm.contiguous(), post_norm.contiguous(),
+            qkv_bias.has_value() ? qkv_bias->contiguous() : torch::Tensor()};
+    layers_.push_back(l);
+    k_.push_back(k_cache);
+    v_.push_back(v_cache);
+  }
+
+  // x [T, hidden] (embedded decode tokens, one per sequence) -> the hidden state after the
+  // last layer, in place. positions, slots, context_lens [T]; block_tables [T, max_blocks].
+  torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+                        torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens,
+                        int64_t block_size, double scale, bool int8, int64_t isa) {
+    TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_, "x must be contiguous [T, hidden]");
+    TORCH_CHECK(H_ / KVH_ <= 16, "at most 16 query heads per KV head");
+    block_tables = block_tables.contiguous();
+    Step s{x.data_ptr<float>(), positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+           slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
+           x.size(0), block_tables.size(1), block_size, (float)scale, int8};
+    const int64_t T = s.T;
+    int64_t max_ctx = 1;
+    for (int64_t t = 0; t < T; ++t) max_ctx = std::max(max_ctx, s.ctx[t]);
+    std::vector<float> qkv(T * (H_ + 2 * KVH_) * D_), attn(T * H_ * D_), gu(T * 2 * inter_);
+    const bool avx = pick(isa) == Isa::avx2;
+    const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
+    SpinBarrier barrier;
+    barrier.n = nt;
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+      if (tid == 0 && n != nt) barrier.n = n;   // the runtime gave fewer threads than asked
+#pragma omp barrier
+      Scratch w(T, hidden_, inter_, H_ * D_, (H_ / KVH_) * max_ctx);
+#ifdef LLMOS_X86
+      if (avx) run_avx2(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
+      else
+#endif
+        run<false>(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
+    }
+    return x;
+  }
+
+ private:
+  struct Step {
+    float* x;
+    const int64_t *pos;
+    const float *cos, *sin;
+    const int64_t *slots, *tables, *ctx;
+    int64_t T, max_blocks, block_size;
+    float scale;
+    bool int8;
+  };
+  struct Scratch {    // one thread's own buffers
+    std::vector<float> h, act, scores;
+    std::vector<ActBlock> qa;
+    Scratch(int64_t T, int64_t hidden, int64_t inter, int64_t hd, int64_t scores_len)
+        : h(T * hidden), act(T * inter), scores(scores_len), qa(T * std::max({hidden, inter, hd}) / QK) {}
+  };
+
+  static std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt) {
+    return {n * tid / nt, n * (tid + 1) / nt};
+  }
+
+  void rmsnorm(const float* x, const float* w, float* out, int64_t T) const {
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * hidden_;
+      float ss = 0.f;
+      for (int64_t i = 0; i < hidden_; ++i) ss += xt[i] * xt[i];
+      const float r = 1.f / std::sqrt(ss / hidden_ + eps_);
+      for (int64_t i = 0; i < hidden_; ++i) out[t * hidden_ + i] = xt[i] * r * w[i];
+    }
+  }
+
+  template <bool AVX>
+  void matmul_share(const Step& s, Scratch& w, const float* in, int64_t k, const torch::Tensor& wt, int64_t t,
+                    int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
+    if (s.int8)
+      for (int64_t r = 0; r < s.T; ++r) quantize_act(AVX, in + r * k, k / QK, w.qa.data() + r * (k / QK));
+    const auto [j0, j1] = share(n, tid, nt);
+    rows_dot<AVX>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, w.qa.data(), s.T, s.int8, out, ldo, bias, accumulate);
+  }
+
+  // RoPE on q heads [g*R, (g+1)*R) and k head g of token t, k and v into the cache, then
+  // attention over the token's paged context for those R query heads.
+  void attend(const Step& s, Scratch& w, float* qkv, float* attn, int64_t li, int64_t t, int64_t g) const {
+    const int64_t R = H_ / KVH_, D = D_, half = D / 2, row = (H_ + 2 * KVH_) * D;
+    float* xt = qkv + t * row;
+    const float* c = s.cos + s.pos[t] * D;
+    const float* sn = s.sin + s.pos[t] * D;
+    auto rope = [&](float* v) {
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = v[d], b = v[d + half];
+        v[d] = a * c[d] - b * sn[d];
+        v[d + half] = b * c[d + half] + a * sn[d + half];
+      }
+    };
+    for (int64_t r = 0; r < R; ++r) rope(xt + (g * R + r) * D);
+    float* kh = xt + (H_ + g) * D;
+    rope(kh);
+    float* kc = k_[li].data_ptr<float>();
+    float* vc = v_[li].data_ptr<float>();
+    std::copy(kh, kh + D, kc + (s.slots[t] * KVH_ + g) * D);
+    std::copy(xt + (H_ + KVH_ + g) * D, xt + (H_ + KVH_ + g + 1) * D, vc + (s.slots[t] * KVH_ + g) * D);
+    const int64_t L = s.ctx[t];
+    const int64_t* table = s.tables + t * s.max_blocks;
+    float* sc = w.scores.data();
+    for (int64_t p = 0; p < L; ++p) {
+      const float* k = kc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* q = xt + (g * R + r) * D;
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+        sc[r * L + p] = dot * s.scale;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = sc + r * L;
+      float m = -INFINITY, sum = 0.f;
+      for (int64_t p = 0; p < L; ++p) m = std::max(m, sr[p]);
+      for (int64_t p = 0; p < L; ++p) { sr[p] = std::exp(sr[p] - m); sum += sr[p]; }
+      const float inv = 1.f / sum;
+      float* o = attn + (t * H_ + g * R + r) * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t p = 0; p < L; ++p) {
+        const float* v = vc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
+        const float pw = sr[p] * inv;
+        for (int64_t d = 0; d < D; ++d) o[d] += pw * v[d];
+      }
+    }
+  }
+
+  template <bool AVX>
+  void run(const Step& s, Scratch& w, float* qkv, float* attn, float* gu, int tid, int nt,
+           SpinBarrier& barrier) const {
+    const int64_t T = s.T, qn = (H_ + 2 * KVH_) * D_, hd = H_ * D_;
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& l = layers_[li];
+      rmsnorm(s.x, l.in_norm.data_ptr<float>(), w.h.data(), T);
+      matmul_share<AVX>(s, w, w.h.data(), hidden_, l.qkv, l.t_qkv, qn, qkv, qn,
+                        l.qkv_bias.defined() ? l.qkv_bias.data_ptr<float>() : nullptr, false, tid, nt);
+      barrier.wait();
+      const auto [a0, a1] = share(T * KVH_, tid, nt);
+      for (int64_t task = a0; task < a1; ++task) attend(s, w, qkv, attn, li, task / KVH_, task % KVH_);
+      barrier.wait();
+      matmul_share<AVX>(s, w, attn, hd, l.o, l.t_o, hidden_, s.x, hidden_, nullptr, true, tid, nt);
+      barrier.wait();
+      rmsnorm(s.x, l.post_norm.data_ptr<float>(), w.h.data(), T);
+      matmul_share<AVX>(s, w, w.h.data(), hidden_, l.gate_up, l.t_gate_up, 2 * inter_, gu, 2 * inter_, nullptr,
+                        false, tid, nt);
+      barrier.wait();
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < inter_; ++i) {
+          const float g = gu[t * 2 * inter_ + i];
+          w.act[t * inter_ + i] = g / (1.f + std::exp(-g)) * gu[t * 2 * inter_ + inter_ + i];
+        }
+      matmul_share<AVX>(s, w, w.act.data(), inter_, l.down, l.t_down, hidden_, s.x, hidden_, nullptr, true, tid, nt);
+      barrier.wait();
+    }
+  }
+
+#ifdef LLMOS_X86
+  __attribute__((target("avx2,fma,f16c"), flatten))
+  void run_avx2(const Step& s, Scratch& w, float* qkv, float* attn, float* gu, int tid, int nt,
+                SpinBarrier& barrier) const {
+    run<true>(s, w, qkv, attn, gu, tid, nt, barrier);
+  }
+#endif
+
+  int64_t hidden_, inter_, H_, KVH_, D_;
+  float eps_;
+  std::vector<Layer> layers_;
+  std::vector<torch::Tensor> k_, v_;
+};
+
+std::vector<std::string> cpu_features() {
+  std::vector<std::string> f;
+#ifdef LLMOS_X86
+  if (__builtin_cpu_supports("avx2")) f.push_back("avx2");
+  if (__builtin_cpu_supports("fma")) f.push_back("fma");
+  if (__builtin_cpu_supports("f16c")) f.push_back("f16c");
+  if (__builtin_cpu_supports("avx512f")) f.push_back("avx512f");
+  if (__builtin_cpu_supports("avx512vnni")) f.push_back("avx512vnni");
+#endif
+#if defined(__ARM_NEON)
+  f.push_back("neon");
+#endif
+  return f;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matmul", &matmul, "x [M, K] @ packed w [N, K]^T");
+  m.def("dequantize", &dequantize, "packed rows -> float32", py::arg("w"), py::arg("qtype"), py::arg("n"),
+        py::arg("k"), py::arg("out") = py::none(), py::arg("isa") = -1);
+  m.def("quantize", &quantize, "float32 rows -> packed");
+  m.def("has_avx2", &has_avx2);
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_features", &cpu_features);
+}

@@ -1,0 +1,263 @@
+"""Weights kept packed in GGUF's block formats (Q4_0, Q4_1, Q8_0), multiplied in place.
+
+A single stream's decode step reads every weight once and does two flops with each, so its
+speed is the bytes it reads: a Q4_1 weight is 4.5 bits where float32 is 32. The kernels
+(kernels/packed.cpp, built once per machine by torch's extension loader) read the packed
+rows directly; large steps (prefill, big batches) are compute-bound, and there a layer's
+weights are dequantized into a reused float32 buffer, still warm in cache, for the BLAS GEMM.
+`ComputePlan` measures at load where that crossover lies on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmos.errors import ModelLoadError
+from llmos.models.packed import GGML_TYPES, QK, PackedTensor
+
+log = logging.getLogger("llmos.engine")
+
+ISAS = {"auto": -1, "portable": 0, "avx2": 1}
+
+KERNEL_VERSION = 1       # bump when the kernels change what they cost
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+
+
+def kernels():
+    """The compiled extension, built on first use; raises ModelLoadError where it cannot be."""
+    global _module, _error
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                from torch.utils.cpp_extension import load
+                src = Path(__file__).with_name("kernels") / "packed.cpp"
+                # No -march=native: the AVX2 code is compiled for AVX2 by attribute and chosen
+                # at run time, so one build runs on any x86-64 and says what it may use.
+                _module = load(name=f"llmos_packed_v{KERNEL_VERSION}", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:   # no compiler, no ninja, ...
+                _error = f"{type(e).__name__}: {e}"
+        if _module is None:
+            raise ModelLoadError(f"the packed-weight kernels could not be built ({_error}); "
+                                 "use compute='float32'")
+        return _module
+
+
+def kernels_available() -> bool:
+    try:
+        kernels()
+        return True
+    except ModelLoadError:
+        return False
+
+
+def quantize(w: torch.Tensor, qtype: str) -> PackedTensor:
+    """A float matrix packed at load, with llama.cpp's reference rounding."""
+    if qtype not in GGML_TYPES:
+        raise ModelLoadError(f"quantization: must be one of {', '.join(GGML_TYPES)}, got {qtype!r}")
+    if w.dim() != 2 or w.shape[1] % QK:
+        raise ModelLoadError(f"cannot quantize a weight of shape {tuple(w.shape)} to {qtype}: "
+                             f"its rows must hold a multiple of {QK} values")
+    return PackedTensor(kernels().quantize(w.float().contiguous(), GGML_TYPES[qtype]), qtype, tuple(w.shape))
+
+
+def dequantize(p: PackedTensor, out: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
+    """float32 [rows, cols], into `out` (a reused buffer) when given."""
+    return kernels().dequantize(p.data, GGML_TYPES[p.qtype], p.shape[0], p.shape[1], out, ISAS[isa])
+
+
+def matmul(x: torch.Tensor, p: PackedTensor, int8: bool = True, isa: str = "auto") -> torch.Tensor:
+    """x [M, cols] float32 @ p^T -> [M, rows], straight from the packed blocks; int8: the
+    activations are quantized to 8 bits a block first (integer dot products)."""
+    return kernels().matmul(x, p.data, GGML_TYPES[p.qtype], p.shape[0], p.shape[1], int8, ISAS[isa])
+
+
+def embedding(p: PackedTensor, ids: torch.Tensor) -> torch.Tensor:
+    """The float32 rows of a packed embedding table for token ids."""
+    return dequantize(p.rows(ids))
+
+
+def decode_stack(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int, eps: float,
+                 layers: list[dict], kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The C++ object that runs a decode step through every layer in one call (one parallel
+    region, a spinning barrier between steps): where a small step's time goes is launching
+    ops, not arithmetic."""
+    stack = kernels().DecodeStack(hidden, inter, heads, kv_heads, head_dim, eps)
+    for layer, (k, v) in zip(layers, kv_caches):
+        stack.add_layer(*(a for key in ("qkv", "o", "gate_up", "down")
+                          for a in (layer[key].data, GGML_TYPES[layer[key].qtype])),
+                        layer["in_norm"], layer["post_norm"], layer["qkv_b"], k, v)
+    return stack
+
+
+@dataclass
+class ComputePlan:
+    """Which path each step takes: packed kernels for steps of at most `packed_max_tokens`
+    tokens, float32 GEMMs on weights dequantized per layer beyond. Chosen from timings made
+    at load unless the setting forces one path."""
+    mode: str                                   # the setting: auto | packed | float32
+    int8: bool = True                           # packed kernels quantize activations to 8 bits
+    packed_max_tokens: int = 0
+    weight_bytes: int = 0                       # the matrices as held in memory
+    weight_types: dict[str, int] = field(default_factory=dict)   # type -> matrices of it
+    timings: dict[int, dict[str, float]] = field(default_factory=dict)   # tokens -> path -> seconds
+    steps: dict[str, int] = field(default_factory=lambda: {"packed": 0, "float32": 0})
+
+    def describe(self, mats: list) -> None:
+        """Record what the matrices are held as, and their bytes."""
+        self.weight_bytes = sum(m.nbytes if isinstance(m, PackedTensor) else m.numel() * m.element_size()
+                                for m in mats)
+        self.weight_types = {}
+        for m in mats:
+            kind = m.qtype if isinstance(m, PackedTensor) else str(m.dtype).removeprefix("torch.")
+            self.weight_types[kind] = self.weight_types.get(kind, 0) + 1
+
+    def measure(self, step: Callable[[int, bool], float], shapes: list, cache: Path | None = None,
+                sizes=(1, 2, 4, 8, 16, 32, 64)) -> None:
+        """Under auto: `step(tokens, packed)` times one decode step of that many sequences on
+        one path; the crossover is the largest size up to which the packed path was never
+        slower (sizes stop after the float32 path has won twice). The result is kept in the
+        `cache` file under what decides it (the matrices' shapes and types, the activations,
+        threads, CPU), so a machine measures a model shape once."""
+        if self.mode != "auto" or not self.weight_types.keys() - {"float32"}:
+            return
+        key = hashlib.sha256(json.dumps([KERNEL_VERSION, shapes, self.int8, torch.get_num_threads(),
+                                         list(kernels().cpu_features()), torch.__version__]).encode()).hexdigest()[:16]
+        known = _read_json(cache) if cache else {}
+        if isinstance(known.get(key), dict) and isinstance(known[key].get("packed_max_tokens"), int):
+            self.packed_max_tokens = known[key]["packed_max_tokens"]
+            self.timings = {int(m): t for m, t in known[key].get("timings", {}).items()}
+            return
+        t0 = time.perf_counter()
+        best, losses = 0, 0
+        for m in sizes:
+            t = {"packed": step(m, True), "float32": step(m, False)}
+            self.timings[m] = t
+            if t["packed"] <= t["float32"]:
+                best = m if losses == 0 else best
+            else:
+                losses += 1
+                if losses == 2:
+                    break
+        self.packed_max_tokens = best
+        if cache:
+            known[key] = {"packed_max_tokens": best, "timings": self.timings}
+            _write_json(cache, known)
+        log.info("compute plan: packed kernels up to %d tokens a step, float32 GEMMs beyond (measured in %.1f s)",
+                 best, time.perf_counter() - t0)
+
+    def packed(self, tokens: int) -> bool:
+        use = tokens <= self.packed_max_tokens
+        self.steps["packed" if use else "float32"] += 1
+        return use
+
+    def info(self) -> dict:
+        return {"compute": self.mode, "activations": "int8" if self.int8 else "float32",
+                "packed_max_tokens": self.packed_max_tokens, "weight_bytes": self.weight_bytes,
+                "weight_types": dict(self.weight_types), "steps": dict(self.steps),
+                "cpu_features": list(kernels().cpu_features()) if self.mode != "float32" else [],
+                "timings_ms": {str(m): {k: round(v * 1e3, 3) for k, v in t.items()} for m, t in self.timings.items()}}
+
+
+def plan_compute(weights: dict, *, compute: str, quantization: str | None, activations: str,
+                 requantize: set[str], device: str) -> tuple[dict, ComputePlan]:
+    """The weights as the engine will hold them, and the plan for multiplying them.
+    float32 (or no packed matrix, or CUDA under auto): everything dequantized, as before.
+    packed: the packed kernels for every step. auto: packed, with the crossover to the
+    float32 GEMM measured once the model is built (`ComputePlan.measure`)."""
+    if compute not in ("auto", "packed", "float32"):
+        raise ModelLoadError(f"compute: must be auto, packed or float32, got {compute!r}")
+    if compute == "packed" and device != "cpu":
+        raise ModelLoadError(f"compute: 'packed' runs on the CPU; device is {device!r} (use auto or float32)")
+    if quantization or requantize:
+        weights = quantize_weights(weights, quantization, requantize)
+    packed = [w for w in weights.values() if isinstance(w, PackedTensor)]
+    if compute == "packed" and not packed:
+        raise ModelLoadError("compute: 'packed' needs quantized weights: a Q4_0/Q4_1/Q8_0 GGUF file, or "
+                             "quantization='q8_0' or 'q4_0' for a float model")
+    if compute == "auto" and packed and not kernels_available():
+        log.warning("packed-weight kernels unavailable (%s); computing in float32", _error)
+    if compute == "float32" or not packed or device != "cpu" or not kernels_available():
+        return {k: dequantize(w) if isinstance(w, PackedTensor) else w for k, w in weights.items()}, \
+            ComputePlan("float32")
+    plan = ComputePlan(compute, int8=activations == "int8",
+                       packed_max_tokens=1 << 30 if compute == "packed" else 0)
+    return weights, plan
+
+
+TILE_BYTES = 8 << 20    # a float32 tile of dequantized weights: fits in the last-level cache
+
+
+def dequant_linear(x: torch.Tensor, p: PackedTensor, scratch: torch.Tensor) -> torch.Tensor:
+    """x @ p^T through float32: tiles of rows dequantized into `scratch` (at least TILE_BYTES
+    or the whole matrix), each multiplied by the BLAS GEMM while still in cache."""
+    rows, cols = p.shape
+    step = max(1, TILE_BYTES // (4 * cols))
+    mod, t = kernels(), GGML_TYPES[p.qtype]
+    if rows <= step:
+        return F.linear(x, mod.dequantize(p.data, t, rows, cols, scratch[:rows * cols], -1))
+    outs = [F.linear(x, mod.dequantize(p.data[r0:r0 + step], t, min(step, rows - r0), cols,
+                                       scratch[:min(step, rows - r0) * cols], -1))
+            for r0 in range(0, rows, step)]
+    return torch.cat(outs, dim=1)
+
+
+def scratch_for(mats: list[PackedTensor]) -> torch.Tensor:
+    """One float32 buffer big enough for any tile `dequant_linear` makes of these matrices."""
+    need = max((min(p.shape[0], max(1, TILE_BYTES // (4 * p.shape[1]))) * p.shape[1] for p in mats), default=1)
+    return torch.empty(need)
+
+
+def quantize_weights(weights: dict, quantization: str | None, requantize: set[str]) -> dict:
+    """Matrices packed as the settings say: float matrices to `quantization` when it is set,
+    and those the file held in a block format without kernels here (Q5, K-quants) to it or,
+    unset, to q8_0 (the closest to what the file had). 1-D tensors (norms, biases) stay float."""
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and (quantization or name in requantize):
+            w = quantize(w, quantization or "q8_0")
+        out[name] = w
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomically; a read-only home costs a measurement next time, not this load."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot write %s: %s", path, e)
+
+
+def best_of(fn, repeats: int = 2) -> float:
+    """The fastest of `repeats` timed calls, after one untimed."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

@@ -1,0 +1,161 @@
+"""Packed 4/8-bit weights: the kernels against a float32 reference of the same dequantized
+weights (gguf's own numpy dequantizer), every type, both variants, the AVX2 and the portable
+code, odd shapes, real weights; then the real model on each compute path: perplexity,
+greedy agreement, memory, and the errors a user gets for settings that cannot work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from llmos import LLM, SamplingParams
+from llmos.engine import packed
+from llmos.errors import InvalidRequestError, LLMOSError, ModelLoadError
+from llmos.models.packed import PackedTensor
+
+TYPES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
+ISAS = ["portable"] + (["avx2"] if packed.kernels().has_avx2() else [])
+TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
+
+
+def reference(p: PackedTensor) -> torch.Tensor:
+    """float32 weights from gguf's numpy dequantizer: independent of the C++ code under test."""
+    w = gguf_dequantize(p.data.numpy().reshape(-1), TYPES[p.qtype])
+    return torch.from_numpy(np.asarray(w, dtype=np.float32)).reshape(p.shape)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("qtype", sorted(TYPES))
+def test_quantize_matches_llama_cpp_reference_bytes(qtype):
+    w = torch.randn(37, 96) * torch.logspace(-2, 1, 96)      # odd row count, columns of mixed scale
+    ours = packed.quantize(w, qtype)
+    theirs = gguf_quantize(w.numpy(), TYPES[qtype])
+    assert ours.data.numel() == theirs.size
+    assert (ours.data.numpy().reshape(-1) == theirs.reshape(-1)).mean() > 0.999
+    assert rel(reference(ours), w) < (0.01 if qtype == "q8_0" else 0.12)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", sorted(TYPES))
+def test_kernels_match_float32_of_the_same_weights(qtype, isa):
+    torch.manual_seed(0)
+    p = packed.quantize(torch.randn(37, 160), qtype)
+    ref = reference(p)
+    assert torch.equal(packed.dequantize(p, isa=isa), ref)
+    for m in (1, 2, 3, 4, 5, 17):
+        x = torch.randn(m, 160)
+        want = x @ ref.T
+        assert rel(packed.matmul(x, p, int8=False, isa=isa), want) < 1e-5, m
+        assert rel(packed.matmul(x, p, int8=True, isa=isa), want) < 0.02, m
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX2: the portable kernels are all there is")
+@pytest.mark.parametrize("qtype", sorted(TYPES))
+def test_avx2_and_portable_kernels_agree(qtype):
+    torch.manual_seed(1)
+    p = packed.quantize(torch.randn(64, 256), qtype)
+    x = torch.randn(7, 256) * 3
+    for int8 in (False, True):
+        a, b = packed.matmul(x, p, int8, "avx2"), packed.matmul(x, p, int8, "portable")
+        assert rel(a, b) < 1e-5, int8
+
+
+def test_real_weights_of_the_default_model(default_model_path):
+    tensors = {t.name: t for t in GGUFReader(default_model_path).tensors}
+    for name in ("blk.0.ffn_down.weight", "blk.7.attn_q.weight", "token_embd.weight"):
+        t = tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        p = PackedTensor(torch.from_numpy(np.array(t.data, dtype=np.uint8)), t.tensor_type.name.lower(), shape)
+        ref = reference(p)
+        x = torch.randn(3, shape[1])
+        for isa in ISAS:
+            assert torch.equal(packed.dequantize(p, isa=isa), ref), (name, isa)
+            assert rel(packed.matmul(x, p, False, isa), x @ ref.T) < 1e-5, (name, isa)
+            assert rel(packed.matmul(x, p, True, isa), x @ ref.T) < 0.02, (name, isa)
+
+
+def test_dequant_linear_tiles_a_wide_matrix():
+    p = packed.quantize(torch.randn(5000, 512), "q4_1")       # more rows than one 8 MiB tile holds
+    x = torch.randn(9, 512)
+    out = packed.dequant_linear(x, p, packed.scratch_for([p]))
+    assert out.shape == (9, 5000) and rel(out, x @ reference(p).T) < 1e-5
+
+
+def test_bad_shapes_and_types_are_refused_clearly():
+    with pytest.raises(ModelLoadError, match="multiple of 32"):
+        packed.quantize(torch.randn(4, 50), "q8_0")
+    with pytest.raises(ModelLoadError, match="multiple of 32"):
+        PackedTensor(torch.zeros(4 * 34, dtype=torch.uint8), "q8_0", (4, 50))
+    with pytest.raises(ModelLoadError, match="cannot hold"):
+        PackedTensor(torch.zeros(100, dtype=torch.uint8), "q8_0", (4, 32))
+    with pytest.raises(ModelLoadError, match="q3_k"):
+        PackedTensor(torch.zeros(100, dtype=torch.uint8), "q3_k", (4, 32))
+    with pytest.raises(ModelLoadError, match="different types"):
+        PackedTensor.cat([packed.quantize(torch.randn(2, 32), "q8_0"), packed.quantize(torch.randn(2, 32), "q4_0")])
+    with pytest.raises(InvalidRequestError, match="compute"):
+        LLM("smollm2-135m", compute="fast")
+    with pytest.raises(InvalidRequestError, match="quantization"):
+        LLM("smollm2-135m", quantization="q3_k")
+    with pytest.raises(InvalidRequestError, match="packed_activations"):
+        LLM("smollm2-135m", packed_activations="int4")
+
+
+# -- the real model on each path -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engines(default_model_path):
+    """The default Q4_1 model three ways: float32 (the reference), packed exact, packed int8."""
+    made = {name: LLM("smollm2-135m", kv_cache_memory="64MiB", compute=c, packed_activations=a)
+            for name, (c, a) in {"float32": ("float32", "float32"), "exact": ("packed", "float32"),
+                                 "int8": ("packed", "int8")}.items()}
+    yield made
+    for llm in made.values():
+        llm.close()
+
+
+def test_packed_weights_take_a_fifth_of_the_memory(engines):
+    f32, q = engines["float32"].engine.runner.plan, engines["exact"].engine.runner.plan
+    assert f32.weight_types == {"float32": 121} and q.weight_types == {"q4_1": 120, "q8_0": 1}
+    assert q.weight_bytes < f32.weight_bytes / 5
+
+
+def test_perplexity_of_the_packed_paths(engines):
+    ppl = {name: llm.engine.perplexity(TEXT) for name, llm in engines.items()}
+    assert 5 < ppl["float32"] < 40, ppl                    # the model reads English
+    assert abs(ppl["exact"] / ppl["float32"] - 1) < 0.01, ppl
+    assert abs(ppl["int8"] / ppl["float32"] - 1) < 0.03, ppl
+    assert engines["int8"].engine.runner.plan.steps["packed"] >= 1
+
+
+def test_greedy_outputs_of_the_exact_path_agree_with_float32(engines):
+    topics = ["rivers", "bread", "the moon", "trains", "chess", "bees", "winter", "music"]
+    asks = ["Tell me one fact about {}.", "Write a sentence about {}.", "What is special about {}?",
+            "Give a short tip about {}."]
+    chats = [[{"role": "user", "content": a.format(t)}] for t in topics for a in asks]
+    assert len(chats) >= 32
+    p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    runs = {name: [o.token_ids for o in engines[name].chat(chats, p)] for name in ("float32", "exact")}
+    same = sum(a == b for a, b in zip(*runs.values()))
+    assert same >= 0.9 * len(chats), f"{same}/{len(chats)} identical"
+
+
+def test_compute_packed_needs_quantized_weights(tmp_path, default_model_path):
+    from test_model_tiny import _tiny
+    _tiny("llama", tmp_path)
+    with pytest.raises(LLMOSError, match="needs quantized weights"):
+        LLM(str(tmp_path), kv_cache_memory="16MiB", compute="packed")
+    with LLM(str(tmp_path), kv_cache_memory="16MiB", compute="packed", quantization="q8_0") as llm:
+        plan = llm.engine.runner.plan
+        assert plan.weight_types.get("q8_0", 0) > 0 and plan.packed_max_tokens > 1000
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+        assert len(out.token_ids) == 4
