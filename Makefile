@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export LLMOS_HOME ?= $(HOME)/.llmos
 
-.PHONY: run test setup model browser bench clean
+.PHONY: run test setup model browser bench bench-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -34,7 +34,12 @@ browser:
 test: model browser
 	$(BIN)/python -m pytest -q tests
 
-bench: model
+# The benchmarks' peers: llama.cpp through llama-cpp-python (compiled from source, minutes).
+# Never a dependency of llmos, so `make test` and `make run` do not install it.
+bench-deps: model
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -q "llama-cpp-python==0.3.36"
+
+bench: bench-deps
 	$(BIN)/python benchmarks/throughput.py
 
 clean:

@@ -60,12 +60,13 @@ class MachinePeak:
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """CPU-seconds used so far by the whole machine and by this process; over a run, the
-    difference is the load other people put on the cores the benchmark was timed on."""
+    """CPU-seconds used so far by the whole machine and by this process with its finished
+    children; over a run, the difference is the load other people put on the cores the
+    benchmark was timed on."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
     t = os.times()
-    return busy, t.user + t.system
+    return busy, t.user + t.system + t.children_user + t.children_system
 
 
 def reset_peak_rss() -> None:

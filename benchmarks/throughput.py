@@ -1,28 +1,36 @@
-"""Engine throughput: llmos against Hugging Face transformers `generate`, in one process.
+"""Engine throughput: llmos (packed weights by default, int8 activations, float32 weights)
+against llama.cpp (llama-cpp-python, on the same GGUF file) and Hugging Face transformers.
 
-batch:  N chat requests (default 64), output lengths 16..256 drawn with a fixed seed, EOS
-        ignored, all submitted at once. transformers runs them as static batches of
-        --max-num-seqs, left-padded, each batch to its longest requested length; only the
-        tokens each request asked for count as its output.
-single: one request, 256 new tokens: single-stream decode speed, bounded by how fast the
-        weights stream from memory.
+single:  one request, 256 new tokens: single-stream decode speed, bounded by how fast the
+         weights stream from memory.
+batch:   N chat requests (default 64), output lengths 16..256 drawn with a fixed seed, EOS
+         ignored, all at once.
+prefill: one 1,024-token prompt, time to its first token.
 
-Speeds are reported as ratios to what this run measures on this machine (GEMM FLOP/s for
-MFU, read bandwidth for MBU) and to transformers, because absolute numbers drift with the
-load others put on a shared CPU. --profile instead runs the llmos batch workload under
-cProfile and splits its time into GEMMs, attention, sampler and Python around them.
+Every measurement is one system in a fresh process (benchmarks/peers.py) with its own
+default settings, the systems interleaved round by round (A B C A B C ...), medians
+quoted: this machine's speed drifts by 2x between runs. Needs llama-cpp-python in the
+environment (`make bench-deps`); llmos never depends on it. --profile instead runs the
+llmos batch workload under cProfile and splits its time into GEMMs, attention, sampler
+and Python around them.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
+import json
 import os
 import pstats
 import random
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+SET_HERE = {k for k in ("OMP_WAIT_POLICY",) if k not in os.environ}   # what this process adds, kept from peers
 
 # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other jobs a spinning
 # worker holds a core the other threads need: measured here, one decode step at 2 threads
@@ -33,10 +41,9 @@ import torch  # noqa: E402
 
 # Runs from a checkout as `python benchmarks/throughput.py`, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (MachinePeak, cpu_seconds, markdown_table, peak_rss,  # noqa: E402
-                               reset_peak_rss, write_section)
+from benchmarks.common import MachinePeak, cpu_seconds, markdown_table, write_section  # noqa: E402
 
-from llmos import LLM, SamplingParams  # noqa: E402
+from llmos import SamplingParams  # noqa: E402
 from llmos.models.loader import load_model  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -61,99 +68,6 @@ def workload(n: int) -> tuple[list[list[dict]], list[int]]:
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-
-def transformers_model(loaded):
-    """LlamaForCausalLM holding the very weights llmos runs, on transformers' fastest CPU attention."""
-    from llmos.models.loader import to_transformers
-    return to_transformers(loaded, attn_implementation="sdpa")
-
-
-class TokenClock:
-    """A generate streamer that only notes when each put arrives (the first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-@torch.inference_mode()
-def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, eos_ids: list[int],
-                streamer=None) -> torch.Tensor:
-    """One static batch, left-padded, run to exactly new_tokens (EOS masked until then)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids, streamer=streamer)
-    assert out.shape[1] == width + new_tokens, "transformers stopped early"
-    return out[:, width:]
-
-
-def run_llmos(args, chats, lengths, peak: MachinePeak) -> dict:
-    with LLM(model=MODEL, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-             num_threads=args.threads, decode_dtype=args.decode_dtype) as llm:
-        return measure_llmos(args, llm, chats, lengths, peak)
-
-
-def measure_llmos(args, llm, chats, lengths, peak: MachinePeak) -> dict:
-    warm = llm.chat(WARMUP, greedy(8))[0]
-    res = {"warmup_prompt": warm.prompt_token_ids, "eos_ids": llm.get_tokenizer().eos_token_ids,
-           "num_parameters": llm.engine.model_config.num_parameters,
-           # Single-stream steps read the decode_dtype copy of the weights when one is set.
-           "weight_bytes": llm.engine.model_config.num_parameters * torch.finfo(
-               getattr(torch, args.decode_dtype) if args.decode_dtype else llm.engine.runner.dtype).bits // 8}
-    if args.mode in ("batch", "all"):
-        peak.sample(memory=False)
-        t = time.perf_counter()
-        outs = llm.chat(chats, [greedy(n) for n in lengths])
-        res["batch_s"] = time.perf_counter() - t
-        assert [len(o.token_ids) for o in outs] == lengths
-        res["output_tokens"] = sum(lengths)
-        res["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outs)
-        res["computed_prompt_tokens"] = sum(len(o.prompt_token_ids) - o.metrics.num_cached_tokens for o in outs)
-        res["prompts"] = [o.prompt_token_ids for o in outs]
-    if args.mode in ("single", "all"):
-        peak.sample(memory=False)
-        t = time.perf_counter()
-        out = llm.chat(SINGLE, greedy(args.single_tokens))[0]
-        res["single_s"] = time.perf_counter() - t
-        m = out.metrics
-        res["single_decode_s"] = m.finished_time - m.first_token_time
-        res["single_tokens"] = out.token_ids
-        res["single_prompt"] = out.prompt_token_ids
-    res["peak_rss"] = peak_rss()
-    return res
-
-
-def run_transformers(args, lengths, ref: dict, peak: MachinePeak) -> dict:
-    """The same prompts, as llmos tokenized them, through transformers `generate`."""
-    model = transformers_model(load_model(MODEL))
-    eos_ids, prompts = ref["eos_ids"], ref.get("prompts")
-    pad = eos_ids[0]
-    hf_generate(model, [ref["warmup_prompt"]], 8, pad, eos_ids)
-    res = {}
-    if args.mode in ("batch", "all"):
-        peak.sample(memory=False)
-        t = time.perf_counter()
-        for i in range(0, len(prompts), args.max_num_seqs):
-            hf_generate(model, prompts[i:i + args.max_num_seqs], max(lengths[i:i + args.max_num_seqs]), pad, eos_ids)
-        res["batch_s"] = time.perf_counter() - t
-    if args.mode in ("single", "all"):
-        peak.sample(memory=False)
-        clock = TokenClock()
-        t = time.perf_counter()
-        out = hf_generate(model, [ref["single_prompt"]], args.single_tokens, pad, eos_ids, streamer=clock)
-        res["single_s"] = time.perf_counter() - t
-        res["single_decode_s"] = clock.times[-1] - clock.times[1]
-        res["single_tokens"] = out[0].tolist()
-    res["peak_rss"] = peak_rss()
-    return res
 
 
 def profile_llmos(args, chats, lengths) -> str:
@@ -221,96 +135,133 @@ def profile_llmos(args, chats, lengths) -> str:
             f"{(busy1 - busy0 - (own1 - own0)) / wall:.2f} of the {os.cpu_count()} cores busy meanwhile.")
 
 
-def report(args, llmos: dict, hf: dict, flops: float, bandwidth: float, others: float) -> str:
-    threads = torch.get_num_threads()
-    blocks = []
-    P = llmos["num_parameters"]
-    if "batch_s" in llmos:
-        out_tok = llmos["output_tokens"]
-        processed = llmos["computed_prompt_tokens"] + out_tok
-        hf_processed = llmos["prompt_tokens"] + out_tok
-        rows = []
-        for name, r, proc in (("llmos", llmos, processed), ("transformers", hf, hf_processed)):
-            tps = out_tok / r["batch_s"]
-            rows.append([name, f"{r['batch_s']:.1f}", f"{tps:.1f}", f"{tps / (out_tok / hf['batch_s']):.2f}x",
-                         f"{proc / r['batch_s'] * 2 * P / flops:.3f}", f"{tps * 2 * P / flops:.3f}",
-                         f"{r['peak_rss'] / 2**30:.2f}"])
-        blocks.append(
-            f"### batch: {len(args.lengths)} chat requests, output {min(args.lengths)}..{max(args.lengths)} "
-            f"tokens (EOS ignored), max_num_seqs {args.max_num_seqs}\n\n"
-            + markdown_table(["system", "seconds", "output tok/s", "vs transformers", "MFU (prompt+output)",
-                              "MFU (output)", "peak RSS GiB"], rows)
-            + f"\n\n{out_tok} output tokens; {llmos['prompt_tokens']} prompt tokens, of which llmos computed "
-              f"{llmos['computed_prompt_tokens']} (the rest were prefix-cache hits). MFU (prompt+output) counts "
-              f"the prompt tokens each system computed plus the requested output tokens; transformers' padding "
-              f"and the tokens it generates past a request's length are not counted as work.")
-    if "single_s" in llmos:
-        n = args.single_tokens
-        rows = []
-        for name, r in (("llmos", llmos), ("transformers", hf)):
-            tps = (n - 1) / r["single_decode_s"]
-            rows.append([name, f"{n / r['single_s']:.1f}", f"{tps:.1f}",
-                         f"{tps / ((n - 1) / hf['single_decode_s']):.2f}x",
-                         f"{tps * llmos['weight_bytes'] / bandwidth:.3f}"])
-        same = next((i for i, (a, b) in enumerate(zip(llmos["single_tokens"], hf["single_tokens"])) if a != b), n)
-        blocks.append(
-            f"### single: one request, {n} new tokens (EOS ignored)\n\n"
-            + markdown_table(["system", "end-to-end tok/s", "decode tok/s", "vs transformers", "MBU"], rows)
-            + f"\n\nDecode tok/s times tokens 2..{n} (after the first token). MBU reads "
-              f"{llmos['weight_bytes'] / 2**20:.0f} MiB of weights per token (KV reads not counted). "
-              f"Both systems' greedy tokens agree for the first {same} of {n}.")
-    blocks.append(f"Machine, measured in this run: fp32 GEMM {flops / 1e9:.0f} GFLOP/s, memory read "
-                  f"{bandwidth / 1e9:.1f} GB/s; {threads} threads, OMP_WAIT_POLICY="
-                  f"{os.environ['OMP_WAIT_POLICY']}, torch {torch.__version__}; {P / 1e6:.1f}M parameters. "
-                  f"Other processes kept {others:.2f} of the {os.cpu_count()} cores busy while it ran.")
-    return "\n\n".join(blocks)
+SYSTEMS = {"single": ["llmos", "llmos-int8", "llmos-float32", "llama.cpp", "llama.cpp-2t"],
+           "batch": ["llmos", "llmos-int8", "llmos-float32", "llama.cpp", "transformers"],
+           "prefill": ["llmos", "llmos-float32", "llama.cpp"]}
 
 
-def compare(args, chats) -> str:
-    """Both systems one after the other, each in its own peak-RSS window."""
-    # GEMM probes run before each timed part; bandwidth probes only between the systems'
-    # peak-RSS windows.
+def workload_file(args, chats, lengths, tmp: Path) -> Path:
+    """Token ids every system computes: llmos' tokenization of the chats, a 1,024-token prompt."""
+    from llmos.models.store import ModelStore
+    loaded = load_model(MODEL)
+    tok = loaded.tokenizer
+    text = (Path(__file__).resolve().parent.parent / "tests" / "data" / "perplexity.txt").read_text()
+    long = tok.encode(text)
+    while len(long) < 1024:
+        long += long
+    w = {"model": MODEL, "gguf": str(ModelStore().resolve(MODEL)), "eos": tok.eos_token_ids,
+         "warmup": tok.encode_chat(WARMUP)[1], "single": tok.encode_chat(SINGLE)[1],
+         "single_tokens": args.single_tokens, "batch": [tok.encode_chat(c)[1] for c in chats],
+         "lengths": lengths, "prefill": long[:1024]}
+    path = tmp / "workload.json"
+    path.write_text(json.dumps(w))
+    return path
+
+
+def run_peer(system: str, task: str, workload: Path) -> dict:
+    """One measurement in a fresh process with the environment this shell gave us."""
+    env = {k: v for k, v in os.environ.items() if k not in SET_HERE}
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("peers.py")), system, task, str(workload)],
+                         capture_output=True, text=True, env=env, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{system} {task} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peers(args, chats, lengths) -> str:
+    """Rounds of every system on every task, interleaved (A B A B ...); medians."""
     peak = MachinePeak()
     peak.sample()
     busy0, own0, t0 = *cpu_seconds(), time.perf_counter()
-    results = []
-    for run in (lambda: run_llmos(args, chats, args.lengths, peak),
-                lambda: run_transformers(args, args.lengths, results[0], peak)):
-        gc.collect()
-        reset_peak_rss()
-        results.append(run())
-        peak.sample()
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workload = workload_file(args, chats, lengths, Path(tmp))
+        for r in range(args.rounds):
+            for task in args.tasks:
+                for system in SYSTEMS[task]:
+                    res = run_peer(system, task, workload)
+                    runs.setdefault((task, system), []).append(res)
+                    print(f"round {r + 1} {task:8} {system:14} "
+                          + " ".join(f"{k}={v:.3f}" for k, v in res.items() if isinstance(v, float)), flush=True)
+            peak.sample()
     busy1, own1 = cpu_seconds()
     others = (busy1 - busy0 - (own1 - own0)) / (time.perf_counter() - t0)
-    return report(args, *results, peak.flops, peak.bandwidth, others)
+    return report(args, runs, peak, others)
 
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def report(args, runs: dict, peak: MachinePeak, others: float) -> str:
+    blocks = []
+    n = args.single_tokens
+    if "single" in args.tasks:
+        tps = {s: median([(n - 1) / r["decode_s"] for r in runs[("single", s)]]) for s in SYSTEMS["single"]}
+        best_cpp = max(tps["llama.cpp"], tps["llama.cpp-2t"])
+        ref = runs[("single", "llmos-float32")][0]["tokens"]
+        rows = []
+        for s in SYSTEMS["single"]:
+            r = runs[("single", s)][0]
+            wb = r.get("weight_bytes")
+            same = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref)) if a != b), n)
+            rows.append([s, tps[s], tps[s] / best_cpp, f"{tps[s] * wb / peak.bandwidth:.2f}" if wb else "-",
+                         f"{same}/{n}", median([x["peak_rss"] for x in runs[("single", s)]]) / 2**30])
+        blocks.append(f"### single stream: {n} new tokens, greedy, EOS ignored ({args.rounds} rounds, medians)\n\n"
+                      + markdown_table(["system", "decode tok/s", "vs best llama.cpp", "MBU (weight bytes)",
+                                        "greedy tokens equal to llmos-float32's", "peak RSS GiB"], rows)
+                      + "\n\nllama.cpp: llama-cpp-python's default threads (1 for one-token steps on 2 cores) "
+                        "and 2 threads (-2t). MBU: weight bytes read per token (llmos: the matrices as held, "
+                        "packed or float32) times tok/s over the read bandwidth probed in this run.")
+    if "batch" in args.tasks:
+        out_tok = sum(args.lengths)
+        tps = {s: median([out_tok / r["seconds"] for r in runs[("batch", s)]]) for s in SYSTEMS["batch"]}
+        rows = [[s, tps[s], tps[s] / tps["llama.cpp"], tps[s] / tps["transformers"],
+                 median([r["cpu_s"] / r["seconds"] for r in runs[("batch", s)]]),
+                 median([r["peak_rss"] for r in runs[("batch", s)]]) / 2**30] for s in SYSTEMS["batch"]]
+        blocks.append(f"### batch: {len(args.lengths)} requests at once, output {min(args.lengths)}..{max(args.lengths)} "
+                      f"tokens, greedy, EOS ignored\n\n"
+                      + markdown_table(["system", "output tok/s", "vs llama.cpp", "vs transformers",
+                                        "cores busy (CPU s / s)", "peak RSS GiB"], rows)
+                      + "\n\nllama.cpp: every unfinished sequence's next token in one llama_batch per step "
+                        "(llama-cpp-python's low-level API, its default threads); transformers: static batches "
+                        "of 64, left-padded, each to its longest length (only requested tokens count).")
+    if "prefill" in args.tasks:
+        tps = {s: median([1024 / r["seconds"] for r in runs[("prefill", s)]]) for s in SYSTEMS["prefill"]}
+        rows = [[s, tps[s], tps[s] / tps["llama.cpp"],
+                 median([r["peak_rss"] for r in runs[("prefill", s)]]) / 2**30] for s in SYSTEMS["prefill"]]
+        blocks.append("### prefill: one 1,024-token prompt, time to its first token\n\n"
+                      + markdown_table(["system", "prompt tok/s", "vs llama.cpp", "peak RSS GiB"], rows))
+    blocks.append(f"Machine, measured in this run: fp32 GEMM {peak.flops / 1e9:.0f} GFLOP/s, memory read "
+                  f"{peak.bandwidth / 1e9:.1f} GB/s; {os.cpu_count()} cores, torch {torch.__version__}. "
+                  f"Every number is one system alone in a fresh process, systems interleaved round by round. "
+                  f"Other processes kept {others:.2f} of the cores busy while it ran.")
+    return "\n\n".join(blocks)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["batch", "single", "all"], default="all")
+    ap.add_argument("--tasks", default="single,batch,prefill", help="comma-separated: single, batch, prefill")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--kv-cache-memory", default="1GiB")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for both systems")
-    ap.add_argument("--decode-dtype", choices=["bfloat16", "float16"], default=None,
-                    help="llmos keeps a half-precision weight copy for steps of <= 4 tokens")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 8 requests, 64-token single stream")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (--profile)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 8 requests, 64-token single stream, 1 round")
     ap.add_argument("--profile", action="store_true", help="only profile llmos' batch mode")
     ap.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = ap.parse_args()
     if args.quick:
-        args.requests = min(args.requests, 8)
+        args.requests, args.rounds = min(args.requests, 8), 1
+    args.tasks = [t for t in args.tasks.split(",") if t]
     args.single_tokens = 64 if args.quick else 256
     torch.set_num_threads(args.threads)
     chats, args.lengths = workload(args.requests)
-    text = profile_llmos(args, chats, args.lengths) if args.profile else compare(args, chats)
+    text = profile_llmos(args, chats, args.lengths) if args.profile else peers(args, chats, args.lengths)
     print(text)
     if args.write:
         exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"
         name = "throughput" + "".join(f" {flag}" for flag in ("--quick", "--profile") if getattr(args, flag[2:]))
-        name += "" if args.mode == "all" or args.profile else f" --mode {args.mode}"
-        name += f" --decode-dtype {args.decode_dtype}" if args.decode_dtype else ""
         write_section(name, " ".join([exe] + sys.argv), text)
 
 

@@ -17,6 +17,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=E.max_num_seqs)
     p.add_argument("--device", default=E.device)
     p.add_argument("--dtype", default=E.dtype)
+    _compute_args(p, E)
+
+
+def _compute_args(p: argparse.ArgumentParser, defaults=None) -> None:
+    """--compute, --quantization, --packed-activations (the defaults: EngineConfig's, or unset
+    for serve, whose config file may set them)."""
+    d = defaults
+    p.add_argument("--compute", choices=["auto", "packed", "float32"], default=d.compute if d else None,
+                   help="packed 4/8-bit kernels where they measure faster (auto), always, or float32 weights")
+    p.add_argument("--quantization", choices=["q8_0", "q4_0", "q4_1"], default=d.quantization if d else None,
+                   help="pack a float model's matrices at load")
+    p.add_argument("--packed-activations", choices=["float32", "int8"], default=d.packed_activations if d else None,
+                   help="exact activations, or 8-bit ones for integer dot products (faster, as llama.cpp)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +43,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args):
     from llmos.api.llm import LLM
     return LLM(model=args.model, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-               device=args.device, dtype=args.dtype)
+               device=args.device, dtype=args.dtype, compute=args.compute, quantization=args.quantization,
+               packed_activations=args.packed_activations)
 
 
 def _params(args):
@@ -110,7 +124,9 @@ def _settings(args):
             overrides[name.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             overrides[name.strip()] = raw   # a bare word is a string
-    for flag, name in (("model", "engine.model"), ("host", "server.host"), ("port", "server.port")):
+    for flag, name in (("model", "engine.model"), ("host", "server.host"), ("port", "server.port"),
+                       ("compute", "engine.compute"), ("quantization", "engine.quantization"),
+                       ("packed_activations", "engine.packed_activations")):
         if getattr(args, flag, None) is not None:
             overrides[name] = getattr(args, flag)
     if getattr(args, "no_auth", False):
@@ -209,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cluster", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="serve from engine replicas on Ray: the cluster at ADDRESS, or a local one")
         p.add_argument("--replicas", type=int, default=None, help="engine replicas in the cluster (default 2)")
+        _compute_args(p)
         p.set_defaults(func=func)
 
     keys = sub.add_parser("keys", help="manage the server's API keys").add_subparsers(dest="keys_command",

@@ -3,6 +3,8 @@ plus the kernel's asynchronous handle API (`submit`) and tenant controls."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterator, Sequence as Seq
 
 from llmos.api.handle import RequestHandle
@@ -93,7 +95,8 @@ class LLM:
         self.loop.call(lambda e: e.tenants.set(name, weight=weight, kv_quota=kv_quota, max_waiting=max_waiting))
 
     def stats(self) -> KernelStats:
-        return self.loop.call(lambda e: e.kernel.stats())
+        """The kernel's counters, with the engine's compute plan (which weights, which path)."""
+        return self.loop.call(lambda e: dataclasses.replace(e.kernel.stats(), compute=e.runner.plan.info()))
 
     def list_requests(self) -> list[RequestInfo]:
         return self.loop.call(lambda e: e.kernel.list_requests())

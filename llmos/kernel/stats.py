@@ -113,6 +113,9 @@ class KernelStats:
     # Per agent process (by pid): prompt tokens computed (prefix-cache hits are free) and
     # tokens generated, the tokens fair sharing charges it for.
     process_tokens: dict[int, TokenCounts] = field(default_factory=dict)
+    # The engine's weights and compute paths (filled in by the engine: the kernel knows no
+    # tensors): compute setting, weight types and bytes, crossover, steps per path.
+    compute: dict = field(default_factory=dict)
 
     def for_tenant(self, tenant: str) -> KernelStats:
         """The view a tenant may see: machine-wide totals, and only its own row where stats
@@ -227,7 +230,9 @@ def merge_stats(parts: list[KernelStats]) -> KernelStats:
         histograms=hists,
         process_tokens={pid: TokenCounts(*(sum(getattr(p.process_tokens[pid], f) for p in parts
                                                if pid in p.process_tokens) for f in ("prompt", "generated")))
-                        for pid in {pid for p in parts for pid in p.process_tokens}})
+                        for pid in {pid for p in parts for pid in p.process_tokens}},
+        compute={**first.compute, "steps": add([p.compute.get("steps", {}) for p in parts]),
+                 "weight_bytes": sum(p.compute.get("weight_bytes", 0) for p in parts)} if first.compute else {})
 
 
 def merge_maps(maps: list[MemoryMap]) -> MemoryMap:

@@ -50,6 +50,14 @@ class KernelCollector:
             kv.add_metric([tenant], t.kv_blocks)
         yield from (c, w, kv)
         yield CounterMetricFamily("llmos_engine_steps", "Engine iterations run", value=s.steps)
+        if s.compute:
+            c = CounterMetricFamily("llmos_compute_steps", "Forward passes by weight path (packed kernels or "
+                                    "float32 GEMMs)", labels=["path"])
+            for path, n in s.compute.get("steps", {}).items():
+                c.add_metric([path], n)
+            yield c
+            yield GaugeMetricFamily("llmos_weight_bytes", "Bytes the model's weight matrices take in memory",
+                                    value=s.compute.get("weight_bytes", 0))
         c = CounterMetricFamily("llmos_preemptions", "Running requests preempted, by mode", labels=["mode"])
         for mode, n in s.preemptions.items():
             c.add_metric([mode], n)
