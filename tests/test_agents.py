@@ -157,10 +157,11 @@ def test_kill_takes_the_children_and_cancels_llm_requests(srv, tmp_path):
     """)
     proc = srv.spawn(p, name="tree")
     http = srv.http()
-    kids = wait_for(lambda: [c for c in http.get("/v1/processes").json()["data"] if c["ppid"] == proc["pid"]
-                             and c["state"] == "running"] if len(
-        [c for c in http.get("/v1/processes").json()["data"] if c["ppid"] == proc["pid"]]) == 2 else None)
-    assert kids and len(kids) == 2
+    def running_kids():   # both spawned and both running (a child is "starting" for a moment)
+        kids = [c for c in http.get("/v1/processes").json()["data"] if c["ppid"] == proc["pid"]]
+        return kids if len(kids) == 2 and all(c["state"] == "running" for c in kids) else None
+    kids = wait_for(running_kids)
+    assert kids and len(kids) == 2, http.get("/v1/processes").json()
     assert wait_for(lambda: any(r["owner_pid"] == proc["pid"] for r in http.get("/v1/kernel/requests").json()["data"]))
     assert http.post(f"/v1/processes/{proc['pid']}/kill").json()["ok"]
     assert srv.wait(proc["pid"])["state"] == "killed"

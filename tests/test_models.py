@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from llmos import SamplingParams
 from llmos.errors import InvalidRequestError, ModelLoadError
 from llmos.models import loader, store
 from llmos.models.loader import WeightCache, load_model
@@ -591,3 +592,39 @@ def test_tokenizer_without_template_errors_on_chat_only():
     assert tok.decode(tok.encode("the")) == "the" and tok.chat_template is None
     with pytest.raises(InvalidRequestError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_packed_load_keeps_the_files_blocks(tmp_path, home, monkeypatch, qtype):
+    """Q4_0/Q4_1/Q8_0 matrices load as their GGUF bytes (q/k rows put back in HF order as
+    whole rows), equal to the float32 load once dequantized; a second load is the cache's."""
+    from llmos.engine.packed import dequantize
+    from llmos.models.packed import PackedTensor
+    path = tiny(tmp_path, qtype=qtype)
+    f32 = load_model(str(path))
+    packed = load_model(str(path), packed=True)
+    assert packed.quantized == {k for k, w in f32.weights.items() if w.dim() == 2}
+    for name, w in f32.weights.items():
+        p = packed.weights[name]
+        if w.dim() == 2:
+            assert isinstance(p, PackedTensor) and p.qtype == qtype.name.lower() and p.shape == tuple(w.shape)
+            assert torch.allclose(dequantize(p), w, rtol=0, atol=1e-6), name
+        else:
+            assert torch.equal(p, w), name
+    assert WeightCache(path, packed=True).path.is_file() and WeightCache(path).path.is_file()   # side by side
+    monkeypatch.setattr(loader, "GGUFCheckpoint", _no_gguf_parse)
+    again = load_model(str(path), packed=True)
+    assert again.quantized == packed.quantized
+    for name, p in packed.weights.items():
+        q = again.weights[name]
+        assert torch.equal(q.data, p.data) if isinstance(p, PackedTensor) else torch.equal(q, p), name
+
+
+def test_matrices_without_kernels_are_repacked_as_q8_0(tmp_path, home):
+    from llmos import LLM
+    path = tiny(tmp_path, qtype=Q.Q5_0)
+    with LLM(str(path), kv_cache_memory="8MiB", compute="packed") as llm:
+        assert llm.engine.runner.plan.weight_types == {"q8_0": 2 * 4 + 1}
+        assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+    with LLM(str(path), kv_cache_memory="8MiB", compute="packed", quantization="q4_0") as llm:
+        assert llm.engine.runner.plan.weight_types == {"q4_0": 2 * 4 + 1}

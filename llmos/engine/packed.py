@@ -28,9 +28,9 @@ from llmos.models.packed import GGML_TYPES, QK, PackedTensor
 
 log = logging.getLogger("llmos.engine")
 
-ISAS = {"auto": -1, "portable": 0, "avx2": 1}
+ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512vnni": 2}
 
-KERNEL_VERSION = 1       # bump when the kernels change what they cost
+KERNEL_VERSION = 3       # bump when the kernels change what they cost
 _lock = threading.Lock()
 _module = None
 _error: str | None = None

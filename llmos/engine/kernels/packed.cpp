@@ -7,8 +7,9 @@
 //          instruction), as llama.cpp does;
 //   exact: the weights are dequantized in registers and multiplied with float32 activations:
 //          the same result as float32 weights up to summation order.
-// Each has an AVX2+FMA+F16C version chosen at run time from the CPU's features and a
-// portable C++ version, which runs everywhere and is what the AVX2 one is tested against.
+// Each has an AVX-512 (VNNI) version, an AVX2+FMA+F16C version, chosen at run time from the
+// CPU's features, and a portable C++ version, which runs everywhere and is what the SIMD
+// ones are tested against.
 // Work is split over weight rows with at::parallel_for (torch's own thread pool).
 
 #include <torch/extension.h>
@@ -313,9 +314,92 @@ AVX2 void dequant_row_avx2(int64_t t, const uint8_t* w, int64_t nb, float* out) 
     for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + 8 * i, f[i]);
   }
 }
+
+
+// AVX-512 VNNI: vpdpbusd multiplies 64 unsigned weight bytes by 64 signed activation bytes
+// and adds them into 16 int32 lanes in one instruction; two blocks per step. Every type is
+// made unsigned (Q8_0 by adding 128) and the offset it carries is folded into the block's
+// constant term: dot(w, a) = d_w d_a dot_u(w, a) + off_w s_a, s_a = d_a sum(a).
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+VNNI inline __m256i unsigned_q(int64_t t, const uint8_t* w) {
+  if (t == Q8_0) return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + 2)), _mm256_set1_epi8((char)0x80));
+  return nibbles(w + (t == Q4_1 ? 4 : 2));
+}
+
+VNNI inline float offset_of(int64_t t, const uint8_t* w, float d) {
+  return t == Q4_1 ? h2f(w + 2) : t == Q4_0 ? -8.f * d : -128.f * d;
+}
+
+template <int R>
+VNNI void dot_int8_vnni(int64_t t, const uint8_t* w, const ActBlock* const* a, int64_t nb, float* out) {
+  const int64_t bs = block_bytes(t);
+  __m512 acc[R];
+  float off[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = 0.f; }
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2, w += 2 * bs) {
+    const float d0 = h2f(w), d1 = h2f(w + bs);
+    const float o0 = offset_of(t, w, d0), o1 = offset_of(t, w + bs, d1);
+    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(unsigned_q(t, w)), unsigned_q(t, w + bs), 1);
+    for (int r = 0; r < R; ++r) {
+      const ActBlock& a0 = a[r][b];
+      const ActBlock& a1 = a[r][b + 1];
+      const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a0.qs)),
+                                           _mm256_loadu_si256((const __m256i*)a1.qs), 1);
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x);
+      const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(d0 * a0.d), _mm256_set1_ps(d1 * a1.d), 1);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[r]);
+      off[r] += o0 * a0.s + o1 * a1.s;
+    }
+  }
+  float res[R];
+  for (int r = 0; r < R; ++r) res[r] = _mm512_reduce_add_ps(acc[r]) + off[r];
+  if (b < nb) {                              // an odd last block, 256 bits wide
+    const float d = h2f(w), o = offset_of(t, w, d);
+    const __m256i q = unsigned_q(t, w);
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = _mm256_loadu_si256((const __m256i*)a[r][b].qs);
+      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+      res[r] += d * a[r][b].d * hsum(_mm256_cvtepi32_ps(p)) + o * a[r][b].s;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = res[r];
+}
+
+
+// The exact variant 16 lanes wide: a block of weights dequantized into two registers.
+VNNI inline void dequant512(int64_t t, const uint8_t* w, __m512* f) {
+  const __m512 d = _mm512_set1_ps(h2f(w));
+  if (t == Q8_0) {
+    f[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 2)))));
+    f[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + 18)))));
+  } else {
+    const bool q41 = t == Q4_1;
+    const __m512 m = q41 ? _mm512_set1_ps(h2f(w + 2)) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+    const __m128i q = _mm_loadu_si128((const __m128i*)(w + (q41 ? 4 : 2))), mask = _mm_set1_epi8(0x0F);
+    f[0] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask))), m);
+    f[1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask))), m);
+  }
+}
+
+template <int R>
+VNNI void dot_exact_512(int64_t t, const uint8_t* w, const float* const* x, int64_t nb, float* out) {
+  const int64_t bs = block_bytes(t);
+  __m512 acc[R], f[2];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += bs) {
+    dequant512(t, w, f);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(f[0], _mm512_loadu_ps(x[r] + b * QK), acc[r]);
+      acc[r] = _mm512_fmadd_ps(f[1], _mm512_loadu_ps(x[r] + b * QK + 16), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
 #endif
 
-enum class Isa : int64_t { portable = 0, avx2 = 1 };
+enum class Isa : int64_t { portable = 0, avx2 = 1, avx512vnni = 2 };
 
 bool has_avx2() {
 #ifdef LLMOS_X86
@@ -327,9 +411,21 @@ bool has_avx2() {
 #endif
 }
 
+bool has_vnni512() {
+#ifdef LLMOS_X86
+  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 Isa pick(int64_t isa) {   // -1: the best this CPU has
-  if (isa < 0) return has_avx2() ? Isa::avx2 : Isa::portable;
-  TORCH_CHECK(isa == 0 || (isa == 1 && has_avx2()), "isa ", isa, " is not available on this CPU");
+  if (isa < 0) return has_vnni512() ? Isa::avx512vnni : has_avx2() ? Isa::avx2 : Isa::portable;
+  TORCH_CHECK(isa == 0 || (isa == 1 && has_avx2()) || (isa == 2 && has_vnni512()), "isa ", isa,
+              " is not available on this CPU");
   return (Isa)isa;
 }
 
@@ -343,7 +439,7 @@ void check(const torch::Tensor& w, int64_t t, int64_t n, int64_t k) {
 
 // Weight rows [j0, j1) against M activation rows, 4 at a time while the weight row sits in
 // L1: out[r * ldo + j] = (or +=, with accumulate) dot(w_j, x_r) (+ bias[j]).
-template <bool AVX>
+template <int ISA>   // 0 portable, 1 AVX2, 2 AVX-512 VNNI (int8; exact uses AVX2)
 void rows_dot(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, const float* x, const ActBlock* act,
               int64_t m, bool int8, float* out, int64_t ldo, const float* bias, bool accumulate) {
   const int64_t nb = k / QK, row = nb * block_bytes(t);
@@ -352,7 +448,7 @@ void rows_dot(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, co
     const uint8_t* wr = w + j * row;
     for (int64_t r0 = 0; r0 < m; r0 += 4) {
       const int R = (int)std::min<int64_t>(4, m - r0);
-      if (!AVX) {
+      if (ISA == 0) {
         for (int r = 0; r < R; ++r)
           res[r] = int8 ? dot_int8_portable(t, wr, act + (r0 + r) * nb, nb) : dot_exact_portable(t, wr, x + (r0 + r) * k, nb);
       }
@@ -360,7 +456,14 @@ void rows_dot(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, co
       else if (int8) {
         const ActBlock* a[4];
         for (int r = 0; r < R; ++r) a[r] = act + (r0 + r) * nb;
-        switch (R) {
+        if (ISA == 2) {
+          switch (R) {
+            case 1: dot_int8_vnni<1>(t, wr, a, nb, res); break;
+            case 2: dot_int8_vnni<2>(t, wr, a, nb, res); break;
+            case 3: dot_int8_vnni<3>(t, wr, a, nb, res); break;
+            default: dot_int8_vnni<4>(t, wr, a, nb, res); break;
+          }
+        } else switch (R) {
           case 1: dot_int8_avx2<1>(t, wr, a, nb, res); break;
           case 2: dot_int8_avx2<2>(t, wr, a, nb, res); break;
           case 3: dot_int8_avx2<3>(t, wr, a, nb, res); break;
@@ -369,7 +472,14 @@ void rows_dot(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, co
       } else {
         const float* xs[4];
         for (int r = 0; r < R; ++r) xs[r] = x + (r0 + r) * k;
-        switch (R) {
+        if (ISA == 2) {
+          switch (R) {
+            case 1: dot_exact_512<1>(t, wr, xs, nb, res); break;
+            case 2: dot_exact_512<2>(t, wr, xs, nb, res); break;
+            case 3: dot_exact_512<3>(t, wr, xs, nb, res); break;
+            default: dot_exact_512<4>(t, wr, xs, nb, res); break;
+          }
+        } else switch (R) {
           case 1: dot_exact_avx2<1>(t, wr, xs, nb, res); break;
           case 2: dot_exact_avx2<2>(t, wr, xs, nb, res); break;
           case 3: dot_exact_avx2<3>(t, wr, xs, nb, res); break;
@@ -402,7 +512,8 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t t, int64_t n, int
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == torch::kFloat32,
               "activations must be float32 [M, ", k, "]");
   x = x.contiguous();
-  const bool avx = pick(isa) == Isa::avx2;
+  const Isa use = pick(isa);
+  const bool avx = use != Isa::portable;
   const int64_t m = x.size(0), nb = k / QK, row = nb * block_bytes(t);
   auto out = torch::empty({m, n}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -417,8 +528,9 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t t, int64_t n, int
   }
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-    if (avx) rows_dot<true>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
-    else rows_dot<false>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
+    if (use == Isa::avx512vnni) rows_dot<2>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
+    else if (use == Isa::avx2) rows_dot<1>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
+    else rows_dot<0>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
   });
   return out;
 }
@@ -437,7 +549,7 @@ torch::Tensor dequantize(torch::Tensor w, int64_t t, int64_t n, int64_t k, c10::
   at::parallel_for(0, n, std::max<int64_t>(1, 8192 / k), [&](int64_t n0, int64_t n1) {
     for (int64_t j = n0; j < n1; ++j) {
 #ifdef LLMOS_X86
-      if (use == Isa::avx2) { dequant_row_avx2(t, wp + j * row, nb, op + j * k); continue; }
+      if (use != Isa::portable) { dequant_row_avx2(t, wp + j * row, nb, op + j * k); continue; }
 #endif
       for (int64_t b = 0; b < nb; ++b) dequant_block(t, wp + j * row + b * block_bytes(t), op + j * k + b * QK);
     }
@@ -575,7 +687,7 @@ class DecodeStack {
     int64_t max_ctx = 1;
     for (int64_t t = 0; t < T; ++t) max_ctx = std::max(max_ctx, s.ctx[t]);
     std::vector<float> qkv(T * (H_ + 2 * KVH_) * D_), attn(T * H_ * D_), gu(T * 2 * inter_);
-    const bool avx = pick(isa) == Isa::avx2;
+    const Isa use = pick(isa);
     const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
     SpinBarrier barrier;
     barrier.n = nt;
@@ -586,10 +698,11 @@ class DecodeStack {
 #pragma omp barrier
       Scratch w(T, hidden_, inter_, H_ * D_, (H_ / KVH_) * max_ctx);
 #ifdef LLMOS_X86
-      if (avx) run_avx2(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
+      if (use == Isa::avx512vnni) run_vnni(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
+      else if (use == Isa::avx2) run_avx2(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
       else
 #endif
-        run<false>(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
+        run<0>(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
     }
     return x;
   }
@@ -625,13 +738,13 @@ class DecodeStack {
     }
   }
 
-  template <bool AVX>
+  template <int ISA>
   void matmul_share(const Step& s, Scratch& w, const float* in, int64_t k, const torch::Tensor& wt, int64_t t,
                     int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
     if (s.int8)
-      for (int64_t r = 0; r < s.T; ++r) quantize_act(AVX, in + r * k, k / QK, w.qa.data() + r * (k / QK));
+      for (int64_t r = 0; r < s.T; ++r) quantize_act(ISA > 0, in + r * k, k / QK, w.qa.data() + r * (k / QK));
     const auto [j0, j1] = share(n, tid, nt);
-    rows_dot<AVX>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, w.qa.data(), s.T, s.int8, out, ldo, bias, accumulate);
+    rows_dot<ISA>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, w.qa.data(), s.T, s.int8, out, ldo, bias, accumulate);
   }
 
   // RoPE on q heads [g*R, (g+1)*R) and k head g of token t, k and v into the cache, then
@@ -683,23 +796,23 @@ class DecodeStack {
     }
   }
 
-  template <bool AVX>
+  template <int ISA>
   void run(const Step& s, Scratch& w, float* qkv, float* attn, float* gu, int tid, int nt,
            SpinBarrier& barrier) const {
     const int64_t T = s.T, qn = (H_ + 2 * KVH_) * D_, hd = H_ * D_;
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& l = layers_[li];
       rmsnorm(s.x, l.in_norm.data_ptr<float>(), w.h.data(), T);
-      matmul_share<AVX>(s, w, w.h.data(), hidden_, l.qkv, l.t_qkv, qn, qkv, qn,
+      matmul_share<ISA>(s, w, w.h.data(), hidden_, l.qkv, l.t_qkv, qn, qkv, qn,
                         l.qkv_bias.defined() ? l.qkv_bias.data_ptr<float>() : nullptr, false, tid, nt);
       barrier.wait();
       const auto [a0, a1] = share(T * KVH_, tid, nt);
       for (int64_t task = a0; task < a1; ++task) attend(s, w, qkv, attn, li, task / KVH_, task % KVH_);
       barrier.wait();
-      matmul_share<AVX>(s, w, attn, hd, l.o, l.t_o, hidden_, s.x, hidden_, nullptr, true, tid, nt);
+      matmul_share<ISA>(s, w, attn, hd, l.o, l.t_o, hidden_, s.x, hidden_, nullptr, true, tid, nt);
       barrier.wait();
       rmsnorm(s.x, l.post_norm.data_ptr<float>(), w.h.data(), T);
-      matmul_share<AVX>(s, w, w.h.data(), hidden_, l.gate_up, l.t_gate_up, 2 * inter_, gu, 2 * inter_, nullptr,
+      matmul_share<ISA>(s, w, w.h.data(), hidden_, l.gate_up, l.t_gate_up, 2 * inter_, gu, 2 * inter_, nullptr,
                         false, tid, nt);
       barrier.wait();
       for (int64_t t = 0; t < T; ++t)
@@ -707,7 +820,7 @@ class DecodeStack {
           const float g = gu[t * 2 * inter_ + i];
           w.act[t * inter_ + i] = g / (1.f + std::exp(-g)) * gu[t * 2 * inter_ + inter_ + i];
         }
-      matmul_share<AVX>(s, w, w.act.data(), inter_, l.down, l.t_down, hidden_, s.x, hidden_, nullptr, true, tid, nt);
+      matmul_share<ISA>(s, w, w.act.data(), inter_, l.down, l.t_down, hidden_, s.x, hidden_, nullptr, true, tid, nt);
       barrier.wait();
     }
   }
@@ -716,7 +829,13 @@ class DecodeStack {
   __attribute__((target("avx2,fma,f16c"), flatten))
   void run_avx2(const Step& s, Scratch& w, float* qkv, float* attn, float* gu, int tid, int nt,
                 SpinBarrier& barrier) const {
-    run<true>(s, w, qkv, attn, gu, tid, nt, barrier);
+    run<1>(s, w, qkv, attn, gu, tid, nt, barrier);
+  }
+
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"), flatten))
+  void run_vnni(const Step& s, Scratch& w, float* qkv, float* attn, float* gu, int tid, int nt,
+                SpinBarrier& barrier) const {
+    run<2>(s, w, qkv, attn, gu, tid, nt, barrier);
   }
 #endif
 
@@ -734,6 +853,7 @@ std::vector<std::string> cpu_features() {
   if (__builtin_cpu_supports("f16c")) f.push_back("f16c");
   if (__builtin_cpu_supports("avx512f")) f.push_back("avx512f");
   if (__builtin_cpu_supports("avx512vnni")) f.push_back("avx512vnni");
+  if (__builtin_cpu_supports("avx512bw")) f.push_back("avx512bw");
 #endif
 #if defined(__ARM_NEON)
   f.push_back("neon");
@@ -749,6 +869,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("out") = py::none(), py::arg("isa") = -1);
   m.def("quantize", &quantize, "float32 rows -> packed");
   m.def("has_avx2", &has_avx2);
+  m.def("has_avx512vnni", &has_vnni512);
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &DecodeStack::add_layer)
