@@ -108,13 +108,18 @@ def profile_llmos(args, chats, lengths) -> str:
 
     linear, kv_write = own("torch._C._nn.linear"), own("'index_copy_'")
     forward, attention, decode_attn = cum("forward"), cum("_attention"), cum("paged_decode_attention")
+    stack, packed_mm, dequant = own("DecodeStack"), own("llmos_packed.matmul"), own("llmos_packed.dequantize")
+    forward -= stack
     parts = [
+        ("decode stack (packed; every layer of a decode step in one C++ call)", stack),
+        ("packed matmuls outside the stack (lm_head, prefill layers)", packed_mm),
+        ("dequantizing tiles for float32 GEMMs", dequant),
         ("GEMMs (F.linear, incl. lm_head)", linear),
         ("decode attention (paged kernel)", decode_attn),
         ("prefill attention (gather + SDPA)", attention - decode_attn),
         ("KV cache writes (index_copy_)", kv_write),
-        ("norms, RoPE, SiLU, residuals, op dispatch", forward - linear - attention - kv_write),
-        ("batch to tensors, logits to CPU", cum("execute") - forward),
+        ("norms, RoPE, SiLU, residuals, op dispatch", forward - linear - attention - kv_write - packed_mm - dequant),
+        ("batch to tensors, logits to CPU", cum("execute") - forward - stack),
         ("sampler", cum("sample")),
         ("scheduler + block manager", cum("schedule") + cum("register_full_blocks")),
         ("append token, detokenize, stop checks", cum("_append_token")),
@@ -129,9 +134,8 @@ def profile_llmos(args, chats, lengths) -> str:
     table = markdown_table(["where", "seconds", "share"], [[n, f"{s:.2f}", f"{s / wall:.1%}"] for n, s in parts])
     return (f"{table}\n\n{len(chats)} requests, {steps} engine steps ({sum(lengths) / steps:.1f} output tokens "
             f"per step), {wall:.1f} s under cProfile. At the probed {peak.flops / 1e9:.0f} GFLOP/s this run's "
-            f"GEMM FLOPs ({computed} computed tokens) take {gemm_s:.1f} s: the GEMMs ran at "
-            f"{gemm_s * peak.flops / linear / 1e9:.0f} GFLOP/s, {gemm_s / linear:.2f} of the probe, the whole run at "
-            f"{gemm_s / wall:.2f}. Other processes kept "
+            f"GEMM FLOPs ({computed} computed tokens) take {gemm_s:.1f} s; the whole run reached "
+            f"{gemm_s / wall:.2f} of the probe (MFU). Other processes kept "
             f"{(busy1 - busy0 - (own1 - own0)) / wall:.2f} of the {os.cpu_count()} cores busy meanwhile.")
 
 

@@ -69,7 +69,7 @@ class ModelRunner:
         keep = self.plan.packed_max_tokens
         self.plan.packed_max_tokens = n if packed else 0
         try:
-            return best_of(lambda: self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device)))
+            return best_of(lambda: self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device)), 1)
         finally:
             self.plan.packed_max_tokens = keep
             self.plan.steps = {"packed": 0, "float32": 0}
