@@ -24,7 +24,7 @@ def rss_peak() -> int:
 
 
 def llmos_worker(system: str, task: str, w: dict) -> dict:
-    import llmos   # noqa: F401  (its OpenMP settings are part of how its users run it)
+    import llmos  # noqa: F401 (its OpenMP settings are part of how its users run it)
     from llmos import LLM, SamplingParams
     kw = {"llmos-int8": {"packed_activations": "int8"}, "llmos-float32": {"compute": "float32"}}.get(system, {})
     llm = LLM(w["model"], kv_cache_memory="1GiB", max_num_seqs=64, **kw)

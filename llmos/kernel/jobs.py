@@ -285,25 +285,23 @@ class JobRunner:
 
     def pause(self, job_id: str, tenant: str | None = None) -> Job:
         """Stop a running job's process where it is (its memory kept) until `resume`."""
-        self.table.get(job_id, tenant)
-        with self._wake:
-            gate = self._gates.get(job_id)
-            if gate is None or not self.table.transition(job_id, ("running",), "paused"):
-                raise JobFinished(f"job_id: job {job_id} is not running; only a running job can be paused")
-            gate.held = True
-            gate.set(True)
-        self.table.add_event(job_id, "paused")
-        return self.table.get(job_id)
+        return self._hold(job_id, tenant, True)
 
     def resume(self, job_id: str, tenant: str | None = None) -> Job:
+        return self._hold(job_id, tenant, False)
+
+    def _hold(self, job_id: str, tenant: str | None, held: bool) -> Job:
+        """A person's pause (held) or resume: the state change and the gate together."""
         self.table.get(job_id, tenant)
+        before, after = ("running", "paused") if held else ("paused", "running")
         with self._wake:
             gate = self._gates.get(job_id)
-            if gate is None or not self.table.transition(job_id, ("paused",), "running"):
-                raise JobFinished(f"job_id: job {job_id} is not paused")
-            gate.held = False
-            gate.set(False)                   # the pacer stops it again at once if serving is busy
-        self.table.add_event(job_id, "resumed")
+            if gate is None or not self.table.transition(job_id, (before,), after):
+                raise JobFinished(f"job_id: job {job_id} is not running; only a running job can be paused" if held
+                                  else f"job_id: job {job_id} is not paused")
+            gate.held = held
+            gate.set(held)                    # resumed: the pacer stops it again at once if serving is busy
+        self.table.add_event(job_id, "paused" if held else "resumed")
         return self.table.get(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:

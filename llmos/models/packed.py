@@ -13,7 +13,6 @@ from llmos.errors import ModelLoadError
 QK = 32                                               # weights per block, every type here
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}   # fp16 scale (+ fp16 min for q4_1) + the values
 GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}       # GGML's type ids, as the kernels take them
-BITS = {q: 8 * b / QK for q, b in BLOCK_BYTES.items()}
 
 
 @dataclass
