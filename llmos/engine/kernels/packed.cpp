@@ -32,6 +32,9 @@
 
 namespace {
 
+#ifndef PREFETCH
+#define PREFETCH 2048
+#endif
 constexpr int QK = 32;                      // weights per block, every type here
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };   // GGML's type ids
 
@@ -339,6 +342,7 @@ VNNI void dot_int8_vnni(int64_t t, const uint8_t* w, const ActBlock* const* a, i
   for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = 0.f; }
   int64_t b = 0;
   for (; b + 1 < nb; b += 2, w += 2 * bs) {
+    _mm_prefetch((const char*)(w + PREFETCH), _MM_HINT_T0);
     const float d0 = h2f(w), d1 = h2f(w + bs);
     const float o0 = offset_of(t, w, d0), o1 = offset_of(t, w + bs, d1);
     const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(unsigned_q(t, w)), unsigned_q(t, w + bs), 1);
@@ -397,6 +401,75 @@ VNNI void dot_exact_512(int64_t t, const uint8_t* w, const float* const* x, int6
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
+
+// A tile of C weight rows x R activation rows, each weight block dequantized once for the R
+// rows and each activation block loaded once for the C rows: out[c * R + r] = dot(w_c, x_r).
+// Every (c, r) pair keeps two accumulators (one per half block), so no FMA waits on the one
+// before it, and the summation order is the same whatever the tile's shape: a token's result
+// does not depend on how many others share its step.
+template <int C, int R>
+VNNI void tile_exact_512(int64_t t, const uint8_t* w, int64_t row, const float* const* x, int64_t nb, float* out) {
+  const int64_t bs = block_bytes(t);
+  __m512 acc[C][R][2], f[C][2];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r][0] = acc[c][r][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int c = 0; c < C; ++c) {
+      _mm_prefetch((const char*)(w + c * row + b * bs + PREFETCH), _MM_HINT_T0);
+      dequant512(t, w + c * row + b * bs, f[c]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 x0 = _mm512_loadu_ps(x[r] + b * QK), x1 = _mm512_loadu_ps(x[r] + b * QK + 16);
+      for (int c = 0; c < C; ++c) {
+        acc[c][r][0] = _mm512_fmadd_ps(f[c][0], x0, acc[c][r][0]);
+        acc[c][r][1] = _mm512_fmadd_ps(f[c][1], x1, acc[c][r][1]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][r][0], acc[c][r][1]));
+}
+
+using ExactTile = void (*)(int64_t, const uint8_t*, int64_t, const float* const*, int64_t, float*);
+
+// The tile for R activation rows (1..8) and C weight rows (1, 2 or 4): more weight rows for
+// few tokens (independent work for a single stream), more tokens for one weight row in big
+// steps (the dequantizing shared by more of them).
+ExactTile exact_tile_512(int C, int R) {
+  static const ExactTile one[8] = {tile_exact_512<1, 1>, tile_exact_512<1, 2>, tile_exact_512<1, 3>,
+                                   tile_exact_512<1, 4>, tile_exact_512<1, 5>, tile_exact_512<1, 6>,
+                                   tile_exact_512<1, 7>, tile_exact_512<1, 8>};
+  static const ExactTile two[4] = {tile_exact_512<2, 1>, tile_exact_512<2, 2>, tile_exact_512<2, 3>,
+                                   tile_exact_512<2, 4>};
+  static const ExactTile four[2] = {tile_exact_512<4, 1>, tile_exact_512<4, 2>};
+  return C == 4 ? four[R - 1] : C == 2 ? two[R - 1] : one[R - 1];
+}
+
+// Weight rows [j0, j1) against M activation rows through those tiles (the exact variant, AVX-512).
+void rows_exact_512(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, const float* x, int64_t m,
+                    float* out, int64_t ldo, const float* bias, bool accumulate) {
+  const int64_t nb = k / QK, row = nb * block_bytes(t);
+  const int rb = m >= 8 ? 8 : (int)m;
+  const int cw = rb <= 2 ? 4 : rb <= 4 ? 2 : 1;
+  float res[8 * 4];
+  const float* xs[8];
+  for (int64_t j = j0; j < j1;) {
+    const int C = j + cw <= j1 ? cw : 1;
+    for (int64_t r0 = 0; r0 < m; r0 += rb) {
+      const int R = (int)std::min<int64_t>(rb, m - r0);
+      for (int r = 0; r < R; ++r) xs[r] = x + (r0 + r) * k;
+      exact_tile_512(C, R)(t, w + j * row, row, xs, nb, res);
+      for (int c = 0; c < C; ++c) {
+        const float b = bias ? bias[j + c] : 0.f;
+        for (int r = 0; r < R; ++r) {
+          float& o = out[(r0 + r) * ldo + j + c];
+          o = accumulate ? o + res[c * R + r] + b : res[c * R + r] + b;
+        }
+      }
+    }
+    j += C;
+  }
+}
 #endif
 
 enum class Isa : int64_t { portable = 0, avx2 = 1, avx512vnni = 2 };
@@ -442,6 +515,12 @@ void check(const torch::Tensor& w, int64_t t, int64_t n, int64_t k) {
 template <int ISA>   // 0 portable, 1 AVX2, 2 AVX-512 VNNI (int8; exact uses AVX2)
 void rows_dot(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, const float* x, const ActBlock* act,
               int64_t m, bool int8, float* out, int64_t ldo, const float* bias, bool accumulate) {
+#ifdef LLMOS_X86
+  if (ISA == 2 && !int8) {
+    rows_exact_512(t, w, j0, j1, k, x, m, out, ldo, bias, accumulate);
+    return;
+  }
+#endif
   const int64_t nb = k / QK, row = nb * block_bytes(t);
   float res[4];
   for (int64_t j = j0; j < j1; ++j) {
@@ -621,6 +700,64 @@ torch::Tensor quantize(torch::Tensor x, int64_t t) {
 // activation quantization) each thread computes for itself, which is cheaper than a barrier.
 // The threads spin only inside the step, while all of them have work.
 
+// Dot product and y += a * x over one attention head's D floats.
+template <int ISA>
+inline float vdot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <int ISA>
+inline void vaxpy(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+#ifdef LLMOS_X86
+template <>
+AVX2 inline float vdot<1>(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <>
+AVX2 inline void vaxpy<1>(float* y, float a, const float* x, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+template <>
+VNNI inline float vdot<2>(const float* a, const float* b, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <>
+VNNI inline void vaxpy<2>(float* y, float a, const float* x, int64_t n) {
+  const __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+#endif
+
 struct SpinBarrier {
   std::atomic<int> count{0}, generation{0};
   int n = 1;
@@ -678,7 +815,7 @@ class DecodeStack {
                         torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens,
                         int64_t block_size, double scale, bool int8, int64_t isa) {
     TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_, "x must be contiguous [T, hidden]");
-    TORCH_CHECK(H_ / KVH_ <= 16, "at most 16 query heads per KV head");
+    TORCH_CHECK(H_ % KVH_ == 0, "query heads must be a multiple of KV heads");
     block_tables = block_tables.contiguous();
     Step s{x.data_ptr<float>(), positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
            slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
@@ -696,7 +833,7 @@ class DecodeStack {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
       if (tid == 0 && n != nt) barrier.n = n;   // the runtime gave fewer threads than asked
 #pragma omp barrier
-      Scratch w(T, hidden_, inter_, H_ * D_, (H_ / KVH_) * max_ctx);
+      Scratch w(T, hidden_, inter_, H_ * D_, max_ctx);
 #ifdef LLMOS_X86
       if (use == Isa::avx512vnni) run_vnni(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
       else if (use == Isa::avx2) run_avx2(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
@@ -747,9 +884,8 @@ class DecodeStack {
     rows_dot<ISA>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, w.qa.data(), s.T, s.int8, out, ldo, bias, accumulate);
   }
 
-  // RoPE on q heads [g*R, (g+1)*R) and k head g of token t, k and v into the cache, then
-  // attention over the token's paged context for those R query heads.
-  void attend(const Step& s, Scratch& w, float* qkv, float* attn, int64_t li, int64_t t, int64_t g) const {
+  // RoPE on q heads [g*R, (g+1)*R) and k head g of token t; k and v into the cache.
+  void rope_store(const Step& s, float* qkv, int64_t li, int64_t t, int64_t g) const {
     const int64_t R = H_ / KVH_, D = D_, half = D / 2, row = (H_ + 2 * KVH_) * D;
     float* xt = qkv + t * row;
     const float* c = s.cos + s.pos[t] * D;
@@ -764,35 +900,35 @@ class DecodeStack {
     for (int64_t r = 0; r < R; ++r) rope(xt + (g * R + r) * D);
     float* kh = xt + (H_ + g) * D;
     rope(kh);
-    float* kc = k_[li].data_ptr<float>();
-    float* vc = v_[li].data_ptr<float>();
-    std::copy(kh, kh + D, kc + (s.slots[t] * KVH_ + g) * D);
-    std::copy(xt + (H_ + KVH_ + g) * D, xt + (H_ + KVH_ + g + 1) * D, vc + (s.slots[t] * KVH_ + g) * D);
+    std::copy(kh, kh + D, k_[li].data_ptr<float>() + (s.slots[t] * KVH_ + g) * D);
+    std::copy(xt + (H_ + KVH_ + g) * D, xt + (H_ + KVH_ + g + 1) * D,
+              v_[li].data_ptr<float>() + (s.slots[t] * KVH_ + g) * D);
+  }
+
+  // Query head h of token t over the token's paged context (after every rope_store of the step).
+  template <int ISA>
+  void attend(const Step& s, Scratch& w, const float* qkv, float* attn, int64_t li, int64_t t, int64_t h) const {
+    const int64_t D = D_, g = h / (H_ / KVH_), row = (H_ + 2 * KVH_) * D;
+    const float* q = qkv + t * row + h * D;
+    const float* kc = k_[li].data_ptr<float>();
+    const float* vc = v_[li].data_ptr<float>();
     const int64_t L = s.ctx[t];
     const int64_t* table = s.tables + t * s.max_blocks;
     float* sc = w.scores.data();
+    float m = -INFINITY;
     for (int64_t p = 0; p < L; ++p) {
       const float* k = kc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
-      for (int64_t r = 0; r < R; ++r) {
-        const float* q = xt + (g * R + r) * D;
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-        sc[r * L + p] = dot * s.scale;
-      }
+      sc[p] = vdot<ISA>(q, k, D) * s.scale;
+      m = std::max(m, sc[p]);
     }
-    for (int64_t r = 0; r < R; ++r) {
-      float* sr = sc + r * L;
-      float m = -INFINITY, sum = 0.f;
-      for (int64_t p = 0; p < L; ++p) m = std::max(m, sr[p]);
-      for (int64_t p = 0; p < L; ++p) { sr[p] = std::exp(sr[p] - m); sum += sr[p]; }
-      const float inv = 1.f / sum;
-      float* o = attn + (t * H_ + g * R + r) * D;
-      std::fill(o, o + D, 0.f);
-      for (int64_t p = 0; p < L; ++p) {
-        const float* v = vc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
-        const float pw = sr[p] * inv;
-        for (int64_t d = 0; d < D; ++d) o[d] += pw * v[d];
-      }
+    float sum = 0.f;
+    for (int64_t p = 0; p < L; ++p) { sc[p] = std::exp(sc[p] - m); sum += sc[p]; }
+    const float inv = 1.f / sum;
+    float* o = attn + (t * H_ + h) * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t p = 0; p < L; ++p) {
+      const float* v = vc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
+      vaxpy<ISA>(o, sc[p] * inv, v, D);
     }
   }
 
@@ -806,8 +942,11 @@ class DecodeStack {
       matmul_share<ISA>(s, w, w.h.data(), hidden_, l.qkv, l.t_qkv, qn, qkv, qn,
                         l.qkv_bias.defined() ? l.qkv_bias.data_ptr<float>() : nullptr, false, tid, nt);
       barrier.wait();
-      const auto [a0, a1] = share(T * KVH_, tid, nt);
-      for (int64_t task = a0; task < a1; ++task) attend(s, w, qkv, attn, li, task / KVH_, task % KVH_);
+      const auto [r0, r1] = share(T * KVH_, tid, nt);
+      for (int64_t task = r0; task < r1; ++task) rope_store(s, qkv, li, task / KVH_, task % KVH_);
+      barrier.wait();
+      const auto [a0, a1] = share(T * H_, tid, nt);   // per query head: 9 tasks share 2 threads evenly
+      for (int64_t task = a0; task < a1; ++task) attend<ISA>(s, w, qkv, attn, li, task / H_, task % H_);
       barrier.wait();
       matmul_share<ISA>(s, w, attn, hd, l.o, l.t_o, hidden_, s.x, hidden_, nullptr, true, tid, nt);
       barrier.wait();
