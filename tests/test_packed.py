@@ -153,6 +153,37 @@ def test_greedy_outputs_of_the_exact_path_agree_with_float32(engines):
     assert same >= 0.9 * len(chats), f"{same}/{len(chats)} identical"
 
 
+def test_every_decode_path_computes_the_same_logits(default_model_path):
+    """A decode step in the C++ stack on the packed kernels, in the stack on dequantized tiles
+    and the BLAS GEMM, and op by op in float32: the same logits up to summation order, for
+    step sizes that fill no tile evenly."""
+    with LLM("smollm2-135m", kv_cache_memory="64MiB", compute="packed") as llm:
+        runner = llm.engine.runner
+        assert runner.model.stack is not None and packed.kernels().has_blas()
+        for n in (1, 5, 17):
+            logits = {path: runner.scratch_decode(n, path) for path in ("kernels", "gemm", "float32")}
+            for path in ("gemm", "float32"):
+                assert rel(logits[path], logits["kernels"]) < 1e-4, (n, path)
+            assert torch.equal(logits["kernels"].argmax(-1), logits["gemm"].argmax(-1))
+
+
+def test_the_plan_puts_big_decode_steps_on_the_gemm():
+    """The crossovers from timings: kernels for small steps, the stack's GEMM path from where it
+    wins for good, the stack for every decode step when it won at the largest size."""
+    plan = packed.ComputePlan("auto", int8=False)
+    ms = lambda k, g, f: {"kernels": k / 1e3, "gemm": g / 1e3, "float32": f / 1e3}   # noqa: E731
+    plan.timings = {1: ms(10, 20, 70), 2: ms(12, 21, 75), 4: ms(20, 25, 90), 8: ms(30, 29, 120),
+                    16: ms(70, 65, 150), 32: ms(150, 110, 160), 64: {"gemm": 0.19, "float32": 0.23}}
+    plan.decide((1, 2, 4, 8, 16, 32, 64))
+    assert plan.gemm_min_tokens == 8          # 8 won by a hair, and every size after it
+    assert plan.packed_max_tokens == 16       # op by op: kernels while a fifth faster than float32
+    assert plan.stack_max_tokens == 1 << 30
+    plan.timings[64]["gemm"] = 0.25           # the stack lost at the largest size: float32 beyond 32
+    plan.decide((1, 2, 4, 8, 16, 32, 64))
+    assert plan.stack_max_tokens == 32
+    assert plan.stack(32) and not plan.stack(33) and plan.steps["stack"] == 1
+
+
 def test_compute_packed_needs_quantized_weights(tmp_path, default_model_path):
     from test_model_tiny import _tiny
     _tiny("llama", tmp_path)

@@ -50,29 +50,36 @@ class ModelRunner:
                   for m in self.model.matrices()]
         self.plan.measure(self._time_decode_step, shapes, llmos_home() / "cache" / "compute-plans.json")
 
-    def _time_decode_step(self, n: int, packed: bool) -> float:
-        """Seconds for one decode step of n sequences with 32-token contexts, on the packed
-        or the float32 path (at load, before any request: it writes scratch KV slots)."""
+    def _time_decode_step(self, n: int, path: str) -> float:
+        """Seconds for one decode step of n sequences on one path (ComputePlan.PATHS)."""
+        return best_of(lambda: self.scratch_decode(n, path), 1)
+
+    def scratch_decode(self, n: int, path: str) -> torch.Tensor:
+        """Logits of one decode step of n sequences with 32-token contexts, on one path
+        (ComputePlan.PATHS). For measuring at load, before any request: it writes KV slots
+        of the first blocks, which must hold nothing anyone needs."""
         ctx = 32
         per = -(-ctx // self.block_size)
         n = min(n, self.num_blocks // per)
         if n < 1:
-            return float("inf")
+            return torch.empty(0)
         tables = torch.arange(n * per, device=self.device).view(n, per)
         lens = torch.full((n,), ctx, dtype=torch.long, device=self.device)
         slots = tables[:, (ctx - 1) // self.block_size] * self.block_size + (ctx - 1) % self.block_size
         meta = AttentionMetadata(slot_mapping=slots, decode_token_idx=torch.arange(n, device=self.device),
                                  decode_block_tables=tables, decode_context_lens=lens, block_size=self.block_size,
                                  prefills=[])
-        ids = torch.full((n,), 1, dtype=torch.long, device=self.device)
+        ids = (torch.arange(n, device=self.device) * 7919 + 1) % self.cfg.vocab_size
         pos = torch.full((n,), ctx - 1, dtype=torch.long, device=self.device)
-        keep = self.plan.packed_max_tokens
-        self.plan.packed_max_tokens = n if packed else 0
+        plan = self.plan
+        keep = plan.packed_max_tokens, plan.stack_max_tokens, plan.gemm_min_tokens
+        plan.packed_max_tokens = plan.stack_max_tokens = 0 if path == "float32" else n
+        plan.gemm_min_tokens = 1 if path == "gemm" else 0
         try:
-            return best_of(lambda: self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device)), 1)
+            return self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device))
         finally:
-            self.plan.packed_max_tokens = keep
-            self.plan.steps = {"packed": 0, "float32": 0}
+            plan.packed_max_tokens, plan.stack_max_tokens, plan.gemm_min_tokens = keep
+            plan.steps = {"stack": 0, "packed": 0, "float32": 0}
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

@@ -30,7 +30,7 @@ log = logging.getLogger("llmos.engine")
 
 ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512vnni": 2}
 
-KERNEL_VERSION = 6       # bump when the kernels change what they cost
+KERNEL_VERSION = 7       # bump when the kernels change what they cost
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -105,16 +105,23 @@ def decode_stack(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: i
 
 @dataclass
 class ComputePlan:
-    """Which path each step takes: packed kernels for steps of at most `packed_max_tokens`
-    tokens, float32 GEMMs on weights dequantized per layer beyond. Chosen from timings made
-    at load unless the setting forces one path."""
+    """Which path each step takes. A pure decode step (every sequence adds one token, no
+    adapter) runs in the C++ decode stack when it has at most `stack_max_tokens` tokens: the
+    packed kernels below `gemm_min_tokens`, dequantized tiles through the BLAS GEMM from
+    there. Other steps (prefill, adapters) go op by op: packed kernels up to
+    `packed_max_tokens` tokens, float32 GEMMs on tiles dequantized per layer beyond.
+    Chosen from timings made at load unless the setting forces one path."""
     mode: str                                   # the setting: auto | packed | float32
     int8: bool = True                           # packed kernels quantize activations to 8 bits
     packed_max_tokens: int = 0
+    stack_max_tokens: int = 0
+    gemm_min_tokens: int = 0                    # 0: the stack never uses the GEMM
     weight_bytes: int = 0                       # the matrices as held in memory
     weight_types: dict[str, int] = field(default_factory=dict)   # type -> matrices of it
     timings: dict[int, dict[str, float]] = field(default_factory=dict)   # tokens -> path -> seconds
-    steps: dict[str, int] = field(default_factory=lambda: {"packed": 0, "float32": 0})
+    steps: dict[str, int] = field(default_factory=lambda: {"stack": 0, "packed": 0, "float32": 0})
+
+    PATHS = ("kernels", "gemm", "float32")
 
     def describe(self, mats: list) -> None:
         """Record what the matrices are held as, and their bytes."""
@@ -125,11 +132,12 @@ class ComputePlan:
             kind = m.qtype if isinstance(m, PackedTensor) else str(m.dtype).removeprefix("torch.")
             self.weight_types[kind] = self.weight_types.get(kind, 0) + 1
 
-    def measure(self, step: Callable[[int, bool], float], shapes: list, cache: Path | None = None,
+    def measure(self, step: Callable[[int, str], float], shapes: list, cache: Path | None = None,
                 sizes=(1, 2, 4, 8, 16, 32, 64)) -> None:
-        """Under auto: `step(tokens, packed)` times one decode step of that many sequences on
-        one path; the crossover is the largest size up to which the packed path was at least
-        a fifth faster (sizes stop after it has lost twice). The result is kept in the
+        """Under auto: `step(tokens, path)` times one decode step of that many sequences on
+        one path: "kernels" (the stack, packed kernels), "gemm" (the stack, tiles + BLAS),
+        "float32" (op by op, tiles + BLAS). Paths are timed interleaved, best of 3, and a
+        path must win by a margin where noise could decide. The result is kept in the
         `cache` file under what decides it (the matrices' shapes and types, the activations,
         threads, CPU), so a machine measures a model shape once."""
         if self.mode != "auto" or not self.weight_types.keys() - {"float32"}:
@@ -137,33 +145,66 @@ class ComputePlan:
         key = hashlib.sha256(json.dumps([KERNEL_VERSION, shapes, self.int8, torch.get_num_threads(),
                                          list(kernels().cpu_features()), torch.__version__]).encode()).hexdigest()[:16]
         known = _read_json(cache) if cache else {}
-        if isinstance(known.get(key), dict) and isinstance(known[key].get("packed_max_tokens"), int):
-            self.packed_max_tokens = known[key]["packed_max_tokens"]
-            self.timings = {int(m): t for m, t in known[key].get("timings", {}).items()}
+        got = known.get(key)
+        if isinstance(got, dict) and all(isinstance(got.get(k), int) for k in
+                                         ("packed_max_tokens", "stack_max_tokens", "gemm_min_tokens")):
+            self.packed_max_tokens, self.stack_max_tokens, self.gemm_min_tokens = (
+                got["packed_max_tokens"], got["stack_max_tokens"], got["gemm_min_tokens"])
+            self.timings = {int(m): t for m, t in got.get("timings", {}).items()}
             return
         t0, busy0 = time.perf_counter(), _others_cpu()
-        best, losses = 0, 0
+        gemm_ok = not self.int8 and kernels().has_blas()
+        kernel_losses = 0
         for m in sizes:
-            t = {"packed": float("inf"), "float32": float("inf")}
-            for _ in range(3):                # interleaved, the best of each: a busy moment hits both
-                for path in t:
-                    t[path] = min(t[path], step(m, path == "packed"))
+            paths = [p for p in self.PATHS if (p != "gemm" or gemm_ok) and (p != "kernels" or kernel_losses < 2)]
+            t = {p: float("inf") for p in paths}
+            for _ in range(3):                # interleaved, the best of each: a busy moment hits all
+                for path in paths:
+                    t[path] = min(t[path], step(m, path))
             self.timings[m] = t
-            # A margin: where the two are close, noise decides, and the packed kernels' cost
-            # grows with the step size much faster than the GEMM's, so a wrong "packed" costs more.
-            if t["packed"] <= 0.8 * t["float32"]:
-                best = m if losses == 0 else best
-            else:
-                losses += 1
-                if losses == 2:
-                    break
-        self.packed_max_tokens = best
+            rival = min(t.get("gemm", float("inf")), t["float32"])
+            kernel_losses = kernel_losses + 1 if t.get("kernels", float("inf")) > 0.9 * rival else 0
+        self.decide(sizes)
         others = (_others_cpu() - busy0) / (time.perf_counter() - t0)
         if cache and others < 0.25:           # measured on a busy machine: measure again next time
-            known[key] = {"packed_max_tokens": best, "timings": self.timings}
+            known[key] = {"packed_max_tokens": self.packed_max_tokens, "stack_max_tokens": self.stack_max_tokens,
+                          "gemm_min_tokens": self.gemm_min_tokens, "timings": self.timings}
             _write_json(cache, known)
-        log.info("compute plan: packed kernels up to %d tokens a step, float32 GEMMs beyond (measured in %.1f s, "
-                 "other processes busy %.2f cores)", best, time.perf_counter() - t0, others)
+        log.info("compute plan: decode stack up to %s tokens a step (BLAS from %s), packed kernels op by op up to "
+                 "%d (measured in %.1f s, other processes busy %.2f cores)", self.stack_max_tokens,
+                 self.gemm_min_tokens or "never", self.packed_max_tokens, time.perf_counter() - t0, others)
+
+    def decide(self, sizes) -> None:
+        """The crossovers from `timings`. The packed kernels' cost grows with the step size
+        much faster than a GEMM's, so they must win by a fifth; the stack's GEMM path is the
+        same GEMM as float32 without the per-op overhead, so past the sizes measured the
+        stack keeps winning if it won at the largest."""
+        inf = float("inf")
+        kern = lambda m: self.timings[m].get("kernels", inf)   # noqa: E731
+        gemm = lambda m: self.timings[m].get("gemm", inf)      # noqa: E731
+        f32 = lambda m: self.timings[m]["float32"]             # noqa: E731
+        measured = [m for m in sizes if m in self.timings]
+        self.packed_max_tokens = 0
+        for m in measured:
+            if kern(m) > 0.8 * f32(m):
+                break
+            self.packed_max_tokens = m
+        self.gemm_min_tokens = next((m for i, m in enumerate(measured)
+                                     if all(gemm(n) < kern(n) for n in measured[i:])), 0)
+        stack = lambda m: gemm(m) if self.gemm_min_tokens and m >= self.gemm_min_tokens else kern(m)   # noqa: E731
+        self.stack_max_tokens = 0
+        for m in measured:
+            if stack(m) > 0.9 * f32(m):
+                break
+            self.stack_max_tokens = m
+        if measured and self.stack_max_tokens == measured[-1] and self.gemm_min_tokens:
+            self.stack_max_tokens = 1 << 30
+
+    def stack(self, tokens: int) -> bool:
+        use = tokens <= self.stack_max_tokens
+        if use:
+            self.steps["stack"] += 1
+        return use
 
     def packed(self, tokens: int) -> bool:
         use = tokens <= self.packed_max_tokens
@@ -172,7 +213,8 @@ class ComputePlan:
 
     def info(self) -> dict:
         return {"compute": self.mode, "activations": "int8" if self.int8 else "float32",
-                "packed_max_tokens": self.packed_max_tokens, "weight_bytes": self.weight_bytes,
+                "packed_max_tokens": self.packed_max_tokens, "stack_max_tokens": self.stack_max_tokens,
+                "gemm_min_tokens": self.gemm_min_tokens, "weight_bytes": self.weight_bytes,
                 "weight_types": dict(self.weight_types), "steps": dict(self.steps),
                 "cpu_features": list(kernels().cpu_features()) if self.mode != "float32" else [],
                 "timings_ms": {str(m): {k: round(v * 1e3, 3) for k, v in t.items()} for m, t in self.timings.items()}}
@@ -199,8 +241,8 @@ def plan_compute(weights: dict, *, compute: str, quantization: str | None, activ
     if compute == "float32" or not packed or device != "cpu" or not kernels_available():
         return {k: dequantize(w) if isinstance(w, PackedTensor) else w for k, w in weights.items()}, \
             ComputePlan("float32")
-    plan = ComputePlan(compute, int8=activations == "int8",
-                       packed_max_tokens=1 << 30 if compute == "packed" else 0)
+    forced = 1 << 30 if compute == "packed" else 0     # packed: the kernels for every step
+    plan = ComputePlan(compute, int8=activations == "int8", packed_max_tokens=forced, stack_max_tokens=forced)
     return weights, plan
 
 

@@ -173,13 +173,13 @@ class Transformer(torch.nn.Module):
         H, KVH, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         x = embedding(self.embed, input_ids) if isinstance(self.embed, PackedTensor) else F.embedding(input_ids, self.embed)
         small = self.small is not None and T <= self.decode_max_tokens
-        self._packed_step = self.plan is not None and self.plan.packed(T)
-        if (self._packed_step and self.stack is not None and lora is None and not meta.prefills
-                and meta.decode_token_idx is not None and meta.decode_token_idx.shape[0] == T):
+        if (self.stack is not None and lora is None and not meta.prefills and meta.decode_token_idx is not None
+                and meta.decode_token_idx.shape[0] == T and self.plan.stack(T)):
             x = self.stack.forward(x.contiguous(), positions, self.cos, self.sin, meta.slot_mapping,
                                    meta.decode_block_tables, meta.decode_context_lens, meta.block_size,
-                                   self.scale, self.plan.int8, -1)
+                                   self.scale, self.plan.int8, -1, self.plan.gemm_min_tokens)
             return self._head(x, sample_idx, small)
+        self._packed_step = self.plan is not None and self.plan.packed(T)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             mats = self.small[i] if small else layer
             h = self._norm(x, layer["in_norm"])

@@ -51,8 +51,9 @@ class KernelCollector:
         yield from (c, w, kv)
         yield CounterMetricFamily("llmos_engine_steps", "Engine iterations run", value=s.steps)
         if s.compute:
-            c = CounterMetricFamily("llmos_compute_steps", "Forward passes by weight path (packed kernels or "
-                                    "float32 GEMMs)", labels=["path"])
+            c = CounterMetricFamily("llmos_compute_steps", "Forward passes by weight path (stack: the C++ "
+                                    "decode stack; packed: packed kernels op by op; float32: GEMMs on "
+                                    "dequantized tiles)", labels=["path"])
             for path, n in s.compute.get("steps", {}).items():
                 c.add_metric([path], n)
             yield c

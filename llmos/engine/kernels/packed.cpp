@@ -30,6 +30,12 @@
 #define LLMOS_X86 1
 #endif
 
+// The BLAS that torch links (MKL on x86 builds), for big steps inside the decode stack: weak,
+// so a torch without it still loads this module and those steps use the packed kernels.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
 namespace {
 
 #ifndef PREFETCH
@@ -813,13 +819,14 @@ class DecodeStack {
   // last layer, in place. positions, slots, context_lens [T]; block_tables [T, max_blocks].
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
                         torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens,
-                        int64_t block_size, double scale, bool int8, int64_t isa) {
+                        int64_t block_size, double scale, bool int8, int64_t isa, int64_t gemm_min) {
     TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_, "x must be contiguous [T, hidden]");
     TORCH_CHECK(H_ % KVH_ == 0, "query heads must be a multiple of KV heads");
     block_tables = block_tables.contiguous();
     Step s{x.data_ptr<float>(), positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
            slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
-           x.size(0), block_tables.size(1), block_size, (float)scale, int8};
+           x.size(0), block_tables.size(1), block_size, (float)scale, int8,
+           !int8 && gemm_min > 0 && x.size(0) >= gemm_min && sgemm_ != nullptr};
     const int64_t T = s.T;
     int64_t max_ctx = 1;
     for (int64_t t = 0; t < T; ++t) max_ctx = std::max(max_ctx, s.ctx[t]);
@@ -853,9 +860,10 @@ class DecodeStack {
     int64_t T, max_blocks, block_size;
     float scale;
     bool int8;
+    bool gemm;   // big step: dequantized tiles through the BLAS GEMM
   };
   struct Scratch {    // one thread's own buffers
-    std::vector<float> h, act, scores;
+    std::vector<float> h, act, scores, tile;
     std::vector<ActBlock> qa;
     Scratch(int64_t T, int64_t hidden, int64_t inter, int64_t hd, int64_t scores_len)
         : h(T * hidden), act(T * inter), scores(scores_len), qa(T * std::max({hidden, inter, hd}) / QK) {}
@@ -875,9 +883,45 @@ class DecodeStack {
     }
   }
 
+  // A big step's matmul: this thread's share of the weight rows, a few dozen rows at a time
+  // dequantized into its own buffer (in L2) and multiplied by the BLAS GEMM, single-threaded
+  // inside this parallel region. Reading a weight once for T tokens, the GEMM's register
+  // blocking beats the packed kernels, which dequantize a block once per few tokens.
+  template <int ISA>
+  void gemm_share(const Step& s, Scratch& w, const float* in, int64_t k, const torch::Tensor& wt, int64_t t,
+                  int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
+    const auto [j0, j1] = share(n, tid, nt);
+    const int64_t nb = k / QK, row = nb * block_bytes(t), bs = block_bytes(t);
+    const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(128, (32768 / k) / 16 * 16));
+    if ((int64_t)w.tile.size() < chunk * k) w.tile.resize(chunk * k);
+    const uint8_t* wp = wt.data_ptr<uint8_t>();
+    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+    const int K = (int)k, M = (int)s.T, LDO = (int)ldo;
+    for (int64_t j = j0; j < j1; j += chunk) {
+      const int64_t rows = std::min(chunk, j1 - j);
+      float* tile = w.tile.data();
+      for (int64_t r = 0; r < rows; ++r) {
+#ifdef LLMOS_X86
+        if (ISA > 0) { dequant_row_avx2(t, wp + (j + r) * row, nb, tile + r * k); continue; }
+#endif
+        for (int64_t b = 0; b < nb; ++b) dequant_block(t, wp + (j + r) * row + b * bs, tile + r * k + b * QK);
+      }
+      // Column-major view: C[rows x T] (ld ldo) = tile^T' [rows x k] * in' [k x T].
+      const int R = (int)rows;
+      sgemm_("T", "N", &R, &M, &K, &one, tile, &K, in, &K, &beta, out + j, &LDO);
+      if (bias)
+        for (int64_t r = 0; r < s.T; ++r)
+          for (int64_t c = 0; c < rows; ++c) out[r * ldo + j + c] += bias[j + c];
+    }
+  }
+
   template <int ISA>
   void matmul_share(const Step& s, Scratch& w, const float* in, int64_t k, const torch::Tensor& wt, int64_t t,
                     int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
+    if (s.gemm) {
+      gemm_share<ISA>(s, w, in, k, wt, t, n, out, ldo, bias, accumulate, tid, nt);
+      return;
+    }
     if (s.int8)
       for (int64_t r = 0; r < s.T; ++r) quantize_act(ISA > 0, in + r * k, k / QK, w.qa.data() + r * (k / QK));
     const auto [j0, j1] = share(n, tid, nt);
@@ -1013,5 +1057,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
+  m.def("has_blas", [] { return sgemm_ != nullptr; });
   m.def("cpu_features", &cpu_features);
 }
