@@ -620,6 +620,37 @@ def test_packed_load_keeps_the_files_blocks(tmp_path, home, monkeypatch, qtype):
         assert torch.equal(q.data, p.data) if isinstance(p, PackedTensor) else torch.equal(q, p), name
 
 
+def test_k_quant_files_stay_packed_and_compute_like_float32(tmp_path, home):
+    """A file with Q4_K, Q5_K and Q6_K matrices (as Q4_K_M files mix them): each stays in its
+    own format, decode steps run on it in the C++ stack (kernels and GEMM tiles alike), and
+    the model computes what its float32 load computes."""
+    from llmos import LLM
+    from test_packed import k_blocks
+    hidden, ffn, layers = 256, 512, 2
+    kinds = {"self_attn.q_proj": ("q4_k", hidden), "self_attn.k_proj": ("q4_k", hidden // 2),
+             "self_attn.v_proj": ("q4_k", hidden // 2), "self_attn.o_proj": ("q5_k", hidden),
+             "mlp.gate_proj": ("q4_k", ffn), "mlp.up_proj": ("q4_k", ffn), "mlp.down_proj": ("q6_k", hidden)}
+    raw = {}
+    for i in range(layers):
+        for j, (what, (qtype, rows)) in enumerate(kinds.items()):
+            cols = ffn if what == "mlp.down_proj" else hidden
+            p = k_blocks(qtype, rows, cols, seed=10 * i + j)
+            raw[f"model.layers.{i}.{what}.weight"] = (p.data.numpy().reshape(rows, -1), getattr(Q, qtype.upper()))
+    path = tiny(tmp_path, hidden=hidden, ffn=ffn, heads=4, kv_heads=2, layers=layers, raw=raw)
+    with LLM(str(path), kv_cache_memory="8MiB", compute="packed") as packed_llm, \
+            LLM(str(path), kv_cache_memory="8MiB", compute="float32") as f32:
+        plan = packed_llm.engine.runner.plan
+        assert plan.weight_types == {"q4_k": 2 * layers, "q5_k": layers, "q6_k": layers, "float32": 1}
+        runner = packed_llm.engine.runner
+        assert runner.model.stack is not None
+        want = f32.engine.runner.scratch_decode(5, "float32")
+        for path_ in ("kernels", "gemm", "float32"):
+            got = runner.scratch_decode(5, path_)
+            assert float((got - want).norm() / want.norm()) < 1e-4, path_
+        text = "the theory of the thing that the other three think"
+        assert packed_llm.engine.perplexity(text) == pytest.approx(f32.engine.perplexity(text), rel=1e-4)
+
+
 def test_matrices_without_kernels_are_repacked_as_q8_0(tmp_path, home):
     from llmos import LLM
     path = tiny(tmp_path, qtype=Q.Q5_0)

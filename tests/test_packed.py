@@ -21,6 +21,7 @@ from llmos.errors import InvalidRequestError, LLMOSError, ModelLoadError
 from llmos.models.packed import PackedTensor
 
 TYPES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
+K_TYPES = {"q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}   # no quantizer here: random valid blocks
 ISAS = (["portable"] + (["avx2"] if packed.kernels().has_avx2() else [])
         + (["avx512vnni"] if packed.kernels().has_avx512vnni() else []))
 TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
@@ -28,7 +29,7 @@ TEXT = (Path(__file__).parent / "data" / "perplexity.txt").read_text()
 
 def reference(p: PackedTensor) -> torch.Tensor:
     """float32 weights from gguf's numpy dequantizer: independent of the C++ code under test."""
-    w = gguf_dequantize(p.data.numpy().reshape(-1), TYPES[p.qtype])
+    w = gguf_dequantize(p.data.numpy().reshape(-1), {**TYPES, **K_TYPES}[p.qtype])
     return torch.from_numpy(np.asarray(w, dtype=np.float32)).reshape(p.shape)
 
 
@@ -58,6 +59,36 @@ def test_kernels_match_float32_of_the_same_weights(qtype, isa):
         want = x @ ref.T
         assert rel(packed.matmul(x, p, int8=False, isa=isa), want) < 1e-5, m
         assert rel(packed.matmul(x, p, int8=True, isa=isa), want) < 0.02, m
+
+
+def k_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> PackedTensor:
+    """K-quant rows as a file could hold them: random scales, mins and values, with the fp16
+    super-block scales set to sizes a real model has (random bytes could be inf or NaN)."""
+    from llmos.models.packed import BLOCK_BYTES
+    g = np.random.default_rng(seed)
+    nb = rows * cols // 256
+    data = g.integers(0, 256, size=(nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    for at in ((208,) if qtype == "q6_k" else (0, 2)):
+        data[:, at:at + 2] = g.uniform(1e-4, 1e-3, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    return PackedTensor(torch.from_numpy(data.reshape(-1)), qtype, (rows, cols))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", sorted(K_TYPES))
+def test_k_quant_kernels_match_float32_of_the_same_weights(qtype, isa):
+    """Q4_K/Q5_K/Q6_K stay in their super-blocks: decoded to the same floats as gguf-py's
+    dequantizer, and multiplied exactly (int8 activations are not offered for them: the
+    exact product is what they get)."""
+    p = k_blocks(qtype, 37, 512)
+    ref = reference(p)
+    assert torch.equal(packed.dequantize(p, isa=isa), ref)
+    for m in (1, 2, 5, 17):
+        x = torch.randn(m, 512)
+        want = x @ ref.T
+        assert rel(packed.matmul(x, p, int8=False, isa=isa), want) < 1e-5, m
+        assert rel(packed.matmul(x, p, int8=True, isa=isa), want) < 1e-5, m
+    with pytest.raises(ModelLoadError, match="multiple of 256"):
+        PackedTensor(torch.zeros(4 * 144, dtype=torch.uint8), qtype, (4, 288))
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX2: the portable kernels are all there is")

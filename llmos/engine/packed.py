@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import ModelLoadError
-from llmos.models.packed import GGML_TYPES, QK, PackedTensor
+from llmos.models.packed import GGML_TYPES, QK, QUANTIZABLE, PackedTensor
 
 log = logging.getLogger("llmos.engine")
 
@@ -66,8 +66,8 @@ def kernels_available() -> bool:
 
 def quantize(w: torch.Tensor, qtype: str) -> PackedTensor:
     """A float matrix packed at load, with llama.cpp's reference rounding."""
-    if qtype not in GGML_TYPES:
-        raise ModelLoadError(f"quantization: must be one of {', '.join(GGML_TYPES)}, got {qtype!r}")
+    if qtype not in QUANTIZABLE:
+        raise ModelLoadError(f"quantization: must be one of {', '.join(QUANTIZABLE)}, got {qtype!r}")
     if w.dim() != 2 or w.shape[1] % QK:
         raise ModelLoadError(f"cannot quantize a weight of shape {tuple(w.shape)} to {qtype}: "
                              f"its rows must hold a multiple of {QK} values")
@@ -271,7 +271,7 @@ def scratch_for(mats: list[PackedTensor]) -> torch.Tensor:
 
 def quantize_weights(weights: dict, quantization: str | None, requantize: set[str]) -> dict:
     """Matrices packed as the settings say: float matrices to `quantization` when it is set,
-    and those the file held in a block format without kernels here (Q5, K-quants) to it or,
+    and those the file held in a block format without kernels here (Q5_0, Q5_1) to it or,
     unset, to q8_0 (the closest to what the file had). 1-D tensors (norms, biases) stay float."""
     out = {}
     for name, w in weights.items():

@@ -25,7 +25,8 @@ from llmos.models.packed import PackedTensor
 from llmos.models.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
-PACKED_TYPES = {Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q8_0: "q8_0"}   # kept packed; the engine has kernels for these
+PACKED_TYPES = {Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q8_0: "q8_0",   # kept packed; the engine has kernels for these
+                Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 

@@ -28,7 +28,7 @@ from llmos.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "1"   # bump when what the cache holds (names, layout, unpermute) changes
+CACHE_FORMAT = "2"   # bump when what the cache holds (names, layout, unpermute) changes
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LoadedModel:
 
 def load_model(name_or_path: str, cache: bool = True, packed: bool = False) -> LoadedModel:
     """Load a store name, a .gguf file or a Hugging Face directory; GGUFs go through the weight
-    cache, or with `packed` keep their Q4_0 / Q4_1 / Q8_0 matrices as the file has them."""
+    cache, or with `packed` keep their Q4_0 / Q4_1 / Q8_0 / K-quant matrices as the file has them."""
     store = ModelStore()
     path = store.resolve(name_or_path)
     name = (path.relative_to(store.root).parts[0] if store.root in path.parents

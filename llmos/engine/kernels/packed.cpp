@@ -41,17 +41,24 @@ namespace {
 #ifndef PREFETCH
 #define PREFETCH 2048
 #endif
-constexpr int QK = 32;                      // weights per block, every type here
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };   // GGML's type ids
+constexpr int QK = 32;                      // weights per block: Q4_0, Q4_1, Q8_0
+constexpr int QK_K = 256;                   // weights per super-block: the K-quants
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };   // GGML's type ids
 
 int64_t block_bytes(int64_t t) {
   switch (t) {
     case Q4_0: return 18;   // fp16 d, 16 bytes of nibbles:         w = d * (q - 8)
     case Q4_1: return 20;   // fp16 d, fp16 m, 16 bytes of nibbles: w = d * q + m
     case Q8_0: return 34;   // fp16 d, 32 int8:                     w = d * q
+    case Q4_K: return 144;  // fp16 d, dmin, 8 x 6-bit scales and mins, 128 bytes of nibbles
+    case Q5_K: return 176;  // as Q4_K, and 32 bytes of fifth bits
+    case Q6_K: return 210;  // 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales, fp16 d
   }
   TORCH_CHECK(false, "unsupported packed type ", t);
 }
+
+bool is_k(int64_t t) { return t == Q4_K || t == Q5_K || t == Q6_K; }
+int64_t block_values(int64_t t) { return is_k(t) ? QK_K : QK; }
 
 // An activation block quantized to 8 bits: x ~= d * qs; s = d * sum(qs) (for Q4_0 / Q4_1's offsets).
 struct ActBlock {
@@ -142,6 +149,57 @@ inline void dequant_block(int64_t t, const uint8_t* w, float* out) {
     for (int j = 0; j < QK / 2; ++j) {
       out[j] = d * (q[j] & 0x0F) + m;
       out[j + QK / 2] = d * (q[j] >> 4) + m;
+    }
+  }
+}
+
+// A K-quant super-block (256 weights) decoded to float, in gguf-py's order of operations, so
+// the results are the same floats: (d * sc) * q - dmin * m, and Q6_K's (d * sc) * q.
+inline void k_scale_min(const uint8_t* sc, int j, int& s, int& m) {   // Q4_K/Q5_K's 6-bit pairs
+  if (j < 4) {
+    s = sc[j] & 63;
+    m = sc[j + 4] & 63;
+  } else {
+    s = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
+    m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+  }
+}
+
+inline void dequant_super(int64_t t, const uint8_t* w, float* out) {
+  // Loops of 16 or 32 lanes with shifts fixed per loop: the compiler vectorizes them.
+  if (t == Q6_K) {
+    const uint8_t *ql = w, *qh = w + 128;
+    const int8_t* sc = (const int8_t*)(w + 192);
+    const float d = rd_half(w + 208);
+    for (int h = 0; h < 2; ++h)
+      for (int g = 0; g < 4; ++g) {           // 32 weights: low nibbles of ql, 2 bits of qh
+        const uint8_t* lo = ql + 64 * h + 32 * (g % 2);
+        const uint8_t* hi = qh + 32 * h;
+        const int lshift = 4 * (g / 2), hshift = 2 * g;
+        for (int half = 0; half < 2; ++half) {
+          const float ds = d * (float)sc[8 * h + 2 * g + half];
+          float* o = out + 128 * h + 32 * g + 16 * half;
+          for (int l = 16 * half; l < 16 * half + 16; ++l)
+            o[l - 16 * half] = ds * (float)((((lo[l] >> lshift) & 0x0F) | (((hi[l] >> hshift) & 0x03) << 4)) - 32);
+        }
+      }
+    return;
+  }
+  const float d = rd_half(w), dmin = rd_half(w + 2);
+  const uint8_t* sc = w + 4;
+  for (int j = 0; j < 8; ++j) {
+    int s, m;
+    k_scale_min(sc, j, s, m);
+    const float ds = d * (float)s, dm = dmin * (float)m;
+    const int shift = 4 * (j % 2);
+    float* o = out + 32 * j;
+    if (t == Q5_K) {
+      const uint8_t* qh = w + 16;
+      const uint8_t* q = w + 48 + 32 * (j / 2);
+      for (int l = 0; l < 32; ++l) o[l] = ds * (float)(((q[l] >> shift) & 0x0F) | (((qh[l] >> j) & 1) << 4)) - dm;
+    } else {
+      const uint8_t* q = w + 16 + 32 * (j / 2);
+      for (int l = 0; l < 32; ++l) o[l] = ds * (float)((q[l] >> shift) & 0x0F) - dm;
     }
   }
 }
@@ -478,6 +536,15 @@ void rows_exact_512(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t
 }
 #endif
 
+template <int ISA>
+void rows_k(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, const float* x, int64_t m,
+            float* out, int64_t ldo, const float* bias, bool accumulate);
+
+template <int ISA>
+void dequant_row(int64_t t, const uint8_t* w, int64_t k, float* out);
+
+int64_t row_bytes(int64_t t, int64_t k) { return k / block_values(t) * block_bytes(t); }
+
 enum class Isa : int64_t { portable = 0, avx2 = 1, avx512vnni = 2 };
 
 bool has_avx2() {
@@ -511,9 +578,10 @@ Isa pick(int64_t isa) {   // -1: the best this CPU has
 void check(const torch::Tensor& w, int64_t t, int64_t n, int64_t k) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
               "packed weights must be a contiguous uint8 CPU tensor");
-  TORCH_CHECK(k % QK == 0, "the row length ", k, " is not a multiple of the block size ", QK);
-  TORCH_CHECK(w.numel() == n * (k / QK) * block_bytes(t), "packed weights hold ", w.numel(), " bytes, ", n,
-              " rows of ", k, " need ", n * (k / QK) * block_bytes(t));
+  const int64_t bv = block_values(t);
+  TORCH_CHECK(k % bv == 0, "the row length ", k, " is not a multiple of the block size ", bv);
+  TORCH_CHECK(w.numel() == n * row_bytes(t, k), "packed weights hold ", w.numel(), " bytes, ", n,
+              " rows of ", k, " need ", n * row_bytes(t, k));
 }
 
 // Weight rows [j0, j1) against M activation rows, 4 at a time while the weight row sits in
@@ -521,6 +589,10 @@ void check(const torch::Tensor& w, int64_t t, int64_t n, int64_t k) {
 template <int ISA>   // 0 portable, 1 AVX2, 2 AVX-512 VNNI (int8; exact uses AVX2)
 void rows_dot(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, const float* x, const ActBlock* act,
               int64_t m, bool int8, float* out, int64_t ldo, const float* bias, bool accumulate) {
+  if (is_k(t)) {   // the K-quants: exact only (activations stay float32)
+    rows_k<ISA>(t, w, j0, j1, k, x, m, out, ldo, bias, accumulate);
+    return;
+  }
 #ifdef LLMOS_X86
   if (ISA == 2 && !int8) {
     rows_exact_512(t, w, j0, j1, k, x, m, out, ldo, bias, accumulate);
@@ -599,7 +671,8 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t t, int64_t n, int
   x = x.contiguous();
   const Isa use = pick(isa);
   const bool avx = use != Isa::portable;
-  const int64_t m = x.size(0), nb = k / QK, row = nb * block_bytes(t);
+  int8 = int8 && !is_k(t);
+  const int64_t m = x.size(0), nb = k / QK, row = row_bytes(t, k);
   auto out = torch::empty({m, n}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -628,15 +701,16 @@ torch::Tensor dequantize(torch::Tensor w, int64_t t, int64_t n, int64_t k, c10::
   torch::Tensor out = out_.has_value() ? *out_ : torch::empty({n, k}, torch::kFloat32);
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.numel() == n * k,
               "out must be a contiguous float32 tensor of ", n * k, " values");
-  const int64_t nb = k / QK, row = nb * block_bytes(t);
+  const int64_t row = row_bytes(t, k);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, std::max<int64_t>(1, 8192 / k), [&](int64_t n0, int64_t n1) {
     for (int64_t j = n0; j < n1; ++j) {
 #ifdef LLMOS_X86
-      if (use != Isa::portable) { dequant_row_avx2(t, wp + j * row, nb, op + j * k); continue; }
+      if (use == Isa::avx512vnni) { dequant_row<2>(t, wp + j * row, k, op + j * k); continue; }
+      if (use == Isa::avx2) { dequant_row<1>(t, wp + j * row, k, op + j * k); continue; }
 #endif
-      for (int64_t b = 0; b < nb; ++b) dequant_block(t, wp + j * row + b * block_bytes(t), op + j * k + b * QK);
+      dequant_row<0>(t, wp + j * row, k, op + j * k);
     }
   });
   return out.view({n, k});
@@ -763,6 +837,106 @@ VNNI inline void vaxpy<2>(float* y, float a, const float* x, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 #endif
+
+// A K-quant super-block decoded by the portable code, compiled for each ISA (the compiler
+// vectorizes its loops for the wider registers).
+template <int ISA>
+inline void dequant_super_isa(int64_t t, const uint8_t* w, float* out) { dequant_super(t, w, out); }
+#ifdef LLMOS_X86
+template <>
+AVX2 void dequant_super_isa<1>(int64_t t, const uint8_t* w, float* out) { dequant_super(t, w, out); }
+// 16 unsigned bytes (already masked to their bits) -> 16 floats: scale * (q - sub) - min.
+VNNI inline void k_store16(__m128i q, __m512 scale, __m512 min, __m512i sub, float* out) {
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q), sub));
+  _mm512_storeu_ps(out, _mm512_fmsub_ps(scale, v, min));
+}
+
+template <>
+VNNI void dequant_super_isa<2>(int64_t t, const uint8_t* w, float* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  if (t == Q6_K) {
+    const uint8_t *ql = w, *qh = w + 128;
+    const int8_t* sc = (const int8_t*)(w + 192);
+    const float d = h2f(w + 208);
+    const __m256i m2 = _mm256_set1_epi8(0x03);
+    const __m512i sub = _mm512_set1_epi32(32);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int h = 0; h < 2; ++h) {
+      const __m256i hi = _mm256_loadu_si256((const __m256i*)(qh + 32 * h));
+      for (int g = 0; g < 4; ++g) {
+        const __m256i lo = _mm256_loadu_si256((const __m256i*)(ql + 64 * h + 32 * (g % 2)));
+        const __m256i l4 = _mm256_and_si256(_mm256_srl_epi16(lo, _mm_cvtsi32_si128(4 * (g / 2))), m4);
+        const __m256i h2 = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * g)), m2);
+        const __m256i q = _mm256_or_si256(l4, _mm256_slli_epi16(h2, 4));   // 0..63, no carries between bytes
+        float* o = out + 128 * h + 32 * g;
+        // (d * sc) * (q - 32), as gguf-py rounds it: the product first, then no subtraction.
+        k_store16(_mm256_castsi256_si128(q), _mm512_set1_ps(d * (float)sc[8 * h + 2 * g]), zero, sub, o);
+        k_store16(_mm256_extracti128_si256(q, 1), _mm512_set1_ps(d * (float)sc[8 * h + 2 * g + 1]), zero, sub,
+                  o + 16);
+      }
+    }
+    return;
+  }
+  const float d = h2f(w), dmin = h2f(w + 2);
+  const uint8_t* sc = w + 4;
+  const __m512i none = _mm512_setzero_si512();
+  const __m256i qh = t == Q5_K ? _mm256_loadu_si256((const __m256i*)(w + 16)) : _mm256_setzero_si256();
+  const uint8_t* qs = w + (t == Q5_K ? 48 : 16);
+  for (int j = 0; j < 8; ++j) {
+    int s, m;
+    k_scale_min(sc, j, s, m);
+    const __m512 ds = _mm512_set1_ps(d * (float)s), dm = _mm512_set1_ps(dmin * (float)m);
+    const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * (j / 2)));
+    __m256i q = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (j % 2))), m4);
+    if (t == Q5_K) {
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+    }
+    k_store16(_mm256_castsi256_si128(q), ds, dm, none, out + 32 * j);
+    k_store16(_mm256_extracti128_si256(q, 1), ds, dm, none, out + 32 * j + 16);
+  }
+}
+#endif
+
+// One packed row of k weights to float32.
+template <int ISA>
+void dequant_row(int64_t t, const uint8_t* w, int64_t k, float* out) {
+  const int64_t bs = block_bytes(t);
+  if (is_k(t)) {
+    for (int64_t b = 0; b < k / QK_K; ++b) dequant_super_isa<ISA>(t, w + b * bs, out + b * QK_K);
+    return;
+  }
+#ifdef LLMOS_X86
+  if (ISA > 0) {
+    dequant_row_avx2(t, w, k / QK, out);
+    return;
+  }
+#endif
+  for (int64_t b = 0; b < k / QK; ++b) dequant_block(t, w + b * bs, out + b * QK);
+}
+
+// K-quant rows against m activation rows: each super-block decoded once into a buffer in L1,
+// then dotted with every activation row's matching 256 values.
+template <int ISA>
+void rows_k(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, const float* x, int64_t m,
+            float* out, int64_t ldo, const float* bias, bool accumulate) {
+  const int64_t nb = k / QK_K, bs = block_bytes(t), row = nb * bs;
+  alignas(64) float buf[QK_K];
+  thread_local std::vector<float> acc;
+  acc.assign(m, 0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t b = 0; b < nb; ++b) {
+      dequant_super_isa<ISA>(t, w + j * row + b * bs, buf);
+      for (int64_t r = 0; r < m; ++r) acc[r] += vdot<ISA>(buf, x + r * k + b * QK_K, QK_K);
+    }
+    const float bj = bias ? bias[j] : 0.f;
+    for (int64_t r = 0; r < m; ++r) {
+      float& o = out[r * ldo + j];
+      o = accumulate ? o + acc[r] + bj : acc[r] + bj;
+    }
+  }
+}
 
 struct SpinBarrier {
   std::atomic<int> count{0}, generation{0};
@@ -891,7 +1065,7 @@ class DecodeStack {
   void gemm_share(const Step& s, Scratch& w, const float* in, int64_t k, const torch::Tensor& wt, int64_t t,
                   int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
     const auto [j0, j1] = share(n, tid, nt);
-    const int64_t nb = k / QK, row = nb * block_bytes(t), bs = block_bytes(t);
+    const int64_t row = row_bytes(t, k);
     const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(128, (32768 / k) / 16 * 16));
     if ((int64_t)w.tile.size() < chunk * k) w.tile.resize(chunk * k);
     const uint8_t* wp = wt.data_ptr<uint8_t>();
@@ -900,12 +1074,7 @@ class DecodeStack {
     for (int64_t j = j0; j < j1; j += chunk) {
       const int64_t rows = std::min(chunk, j1 - j);
       float* tile = w.tile.data();
-      for (int64_t r = 0; r < rows; ++r) {
-#ifdef LLMOS_X86
-        if (ISA > 0) { dequant_row_avx2(t, wp + (j + r) * row, nb, tile + r * k); continue; }
-#endif
-        for (int64_t b = 0; b < nb; ++b) dequant_block(t, wp + (j + r) * row + b * bs, tile + r * k + b * QK);
-      }
+      for (int64_t r = 0; r < rows; ++r) dequant_row<ISA>(t, wp + (j + r) * row, k, tile + r * k);
       // Column-major view: C[rows x T] (ld ldo) = tile^T' [rows x k] * in' [k x T].
       const int R = (int)rows;
       sgemm_("T", "N", &R, &M, &K, &one, tile, &K, in, &K, &beta, out + j, &LDO);
@@ -922,7 +1091,7 @@ class DecodeStack {
       gemm_share<ISA>(s, w, in, k, wt, t, n, out, ldo, bias, accumulate, tid, nt);
       return;
     }
-    if (s.int8)
+    if (s.int8 && !is_k(t))
       for (int64_t r = 0; r < s.T; ++r) quantize_act(ISA > 0, in + r * k, k / QK, w.qa.data() + r * (k / QK));
     const auto [j0, j1] = share(n, tid, nt);
     rows_dot<ISA>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, w.qa.data(), s.T, s.int8, out, ldo, bias, accumulate);
