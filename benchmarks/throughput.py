@@ -108,7 +108,7 @@ def profile_llmos(args, chats, lengths) -> str:
 
     linear, kv_write = own("torch._C._nn.linear"), own("'index_copy_'")
     forward, attention, decode_attn = cum("forward"), cum("_attention"), cum("paged_decode_attention")
-    stack, packed_mm, dequant = own("DecodeStack"), own("llmos_packed.matmul"), own("llmos_packed.dequantize")
+    stack, packed_mm, dequant = own("llmos_packed.forward"), own("llmos_packed.matmul"), own("llmos_packed.dequantize")
     forward -= stack
     parts = [
         ("decode stack (packed; every layer of a decode step in one C++ call)", stack),

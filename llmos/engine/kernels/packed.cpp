@@ -41,6 +41,12 @@ namespace {
 #ifndef PREFETCH
 #define PREFETCH 2048
 #endif
+#ifndef GEMM_TILE_FLOATS
+#define GEMM_TILE_FLOATS 131072
+#endif
+#ifndef GEMM_ROWS_MAX
+#define GEMM_ROWS_MAX 256
+#endif
 constexpr int QK = 32;                      // weights per block: Q4_0, Q4_1, Q8_0
 constexpr int QK_K = 256;                   // weights per super-block: the K-quants
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };   // GGML's type ids
@@ -1066,7 +1072,7 @@ class DecodeStack {
                   int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
     const auto [j0, j1] = share(n, tid, nt);
     const int64_t row = row_bytes(t, k);
-    const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(128, (32768 / k) / 16 * 16));
+    const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(GEMM_ROWS_MAX, (GEMM_TILE_FLOATS / k) / 16 * 16));
     if ((int64_t)w.tile.size() < chunk * k) w.tile.resize(chunk * k);
     const uint8_t* wp = wt.data_ptr<uint8_t>();
     const float one = 1.f, beta = accumulate ? 1.f : 0.f;
