@@ -329,8 +329,10 @@ def test_processes_tab_steers_agents_and_filters_the_audit_log(ui, dash, tmp_pat
     child_row.get_by_role("button", name=f"Show logs of process {child}").click()
     expect(page.locator("#logs")).to_contain_text("denied: fs:write:canvas.txt", timeout=20_000)
     page.get_by_label("Denied calls only").check()
+    verdicts = page.locator("#audit-body td:nth-child(5)")
+    expect(verdicts.filter(has_not_text="denied")).to_have_count(0)   # the filtered table has replaced the full one
     expect(page.locator("#audit-body")).to_contain_text("fs.write")
-    assert set(page.locator("#audit-body td:nth-child(5)").all_inner_texts()) == {"denied"}
+    assert set(verdicts.all_inner_texts()) == {"denied"}
     page.get_by_label("Denied calls only").uncheck()
     expect(page.locator("#audit-body")).to_contain_text("proc.spawn")
 

@@ -209,7 +209,10 @@ def test_the_plan_puts_big_decode_steps_on_the_gemm():
     assert plan.gemm_min_tokens == 8          # 8 won by a hair, and every size after it
     assert plan.packed_max_tokens == 16       # op by op: kernels while a fifth faster than float32
     assert plan.stack_max_tokens == 1 << 30
-    plan.timings[64]["gemm"] = 0.25           # the stack lost at the largest size: float32 beyond 32
+    plan.timings[64]["gemm"] = 0.24           # a tie (within a tenth) is noise: the stack keeps it
+    plan.decide((1, 2, 4, 8, 16, 32, 64))
+    assert plan.stack_max_tokens == 1 << 30
+    plan.timings[64]["gemm"] = 0.27           # the stack lost at the largest size: float32 beyond 32
     plan.decide((1, 2, 4, 8, 16, 32, 64))
     assert plan.stack_max_tokens == 32
     assert plan.stack(32) and not plan.stack(33) and plan.steps["stack"] == 1

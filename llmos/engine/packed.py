@@ -30,7 +30,7 @@ log = logging.getLogger("llmos.engine")
 
 ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512vnni": 2}
 
-KERNEL_VERSION = 7       # bump when the kernels change what they cost
+KERNEL_VERSION = 8       # bump when the kernels change what they cost
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -177,8 +177,8 @@ class ComputePlan:
     def decide(self, sizes) -> None:
         """The crossovers from `timings`. The packed kernels' cost grows with the step size
         much faster than a GEMM's, so they must win by a fifth; the stack's GEMM path is the
-        same GEMM as float32 without the per-op overhead, so past the sizes measured the
-        stack keeps winning if it won at the largest."""
+        same GEMM as float32 without the per-op overhead, so it may lose by a tenth (noise), and
+        past the sizes measured it keeps winning if it won at the largest."""
         inf = float("inf")
         kern = lambda m: self.timings[m].get("kernels", inf)   # noqa: E731
         gemm = lambda m: self.timings[m].get("gemm", inf)      # noqa: E731
@@ -191,10 +191,12 @@ class ComputePlan:
             self.packed_max_tokens = m
         self.gemm_min_tokens = next((m for i, m in enumerate(measured)
                                      if all(gemm(n) < kern(n) for n in measured[i:])), 0)
+        # The stack wins ties: on its GEMM path it does float32's arithmetic without the per-op
+        # overhead, so a near-tie is noise in one of the two timings, not a real loss.
         stack = lambda m: gemm(m) if self.gemm_min_tokens and m >= self.gemm_min_tokens else kern(m)   # noqa: E731
         self.stack_max_tokens = 0
         for m in measured:
-            if stack(m) > 0.9 * f32(m):
+            if stack(m) > 1.1 * f32(m):
                 break
             self.stack_max_tokens = m
         if measured and self.stack_max_tokens == measured[-1] and self.gemm_min_tokens:

@@ -1020,7 +1020,7 @@ class DecodeStack {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
       if (tid == 0 && n != nt) barrier.n = n;   // the runtime gave fewer threads than asked
 #pragma omp barrier
-      Scratch w(T, hidden_, inter_, H_ * D_, max_ctx);
+      Scratch w(T, hidden_, inter_, H_ * D_, (H_ / KVH_) * max_ctx);
 #ifdef LLMOS_X86
       if (use == Isa::avx512vnni) run_vnni(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
       else if (use == Isa::avx2) run_avx2(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
@@ -1124,30 +1124,34 @@ class DecodeStack {
               v_[li].data_ptr<float>() + (s.slots[t] * KVH_ + g) * D);
   }
 
-  // Query head h of token t over the token's paged context (after every rope_store of the step).
+  // Query heads [h0, h1) of token t, all of KV group g, over the token's paged context (after
+  // every rope_store of the step): each cached key and value is read once for those heads.
   template <int ISA>
-  void attend(const Step& s, Scratch& w, const float* qkv, float* attn, int64_t li, int64_t t, int64_t h) const {
-    const int64_t D = D_, g = h / (H_ / KVH_), row = (H_ + 2 * KVH_) * D;
-    const float* q = qkv + t * row + h * D;
+  void attend(const Step& s, Scratch& w, const float* qkv, float* attn, int64_t li, int64_t t, int64_t g,
+              int64_t h0, int64_t h1) const {
+    const int64_t D = D_, row = (H_ + 2 * KVH_) * D, n = h1 - h0;
     const float* kc = k_[li].data_ptr<float>();
     const float* vc = v_[li].data_ptr<float>();
     const int64_t L = s.ctx[t];
     const int64_t* table = s.tables + t * s.max_blocks;
-    float* sc = w.scores.data();
-    float m = -INFINITY;
+    float* sc = w.scores.data();                 // [n, L]
     for (int64_t p = 0; p < L; ++p) {
       const float* k = kc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
-      sc[p] = vdot<ISA>(q, k, D) * s.scale;
-      m = std::max(m, sc[p]);
+      for (int64_t r = 0; r < n; ++r) sc[r * L + p] = vdot<ISA>(qkv + t * row + (h0 + r) * D, k, D) * s.scale;
     }
-    float sum = 0.f;
-    for (int64_t p = 0; p < L; ++p) { sc[p] = std::exp(sc[p] - m); sum += sc[p]; }
-    const float inv = 1.f / sum;
-    float* o = attn + (t * H_ + h) * D;
-    std::fill(o, o + D, 0.f);
+    for (int64_t r = 0; r < n; ++r) {
+      float* sr = sc + r * L;
+      float m = -INFINITY, sum = 0.f;
+      for (int64_t p = 0; p < L; ++p) m = std::max(m, sr[p]);
+      for (int64_t p = 0; p < L; ++p) { sr[p] = std::exp(sr[p] - m); sum += sr[p]; }
+      const float inv = 1.f / sum;
+      for (int64_t p = 0; p < L; ++p) sr[p] *= inv;
+      float* o = attn + (t * H_ + h0 + r) * D;
+      std::fill(o, o + D, 0.f);
+    }
     for (int64_t p = 0; p < L; ++p) {
       const float* v = vc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
-      vaxpy<ISA>(o, sc[p] * inv, v, D);
+      for (int64_t r = 0; r < n; ++r) vaxpy<ISA>(attn + (t * H_ + h0 + r) * D, sc[r * L + p], v, D);
     }
   }
 
@@ -1164,8 +1168,19 @@ class DecodeStack {
       const auto [r0, r1] = share(T * KVH_, tid, nt);
       for (int64_t task = r0; task < r1; ++task) rope_store(s, qkv, li, task / KVH_, task % KVH_);
       barrier.wait();
-      const auto [a0, a1] = share(T * H_, tid, nt);   // per query head: 9 tasks share 2 threads evenly
-      for (int64_t task = a0; task < a1; ++task) attend<ISA>(s, w, qkv, attn, li, task / H_, task % H_);
+      if (T * KVH_ >= 4 * nt) {      // enough (token, KV group) tasks to share the threads evenly
+        const auto [a0, a1] = share(T * KVH_, tid, nt);
+        for (int64_t task = a0; task < a1; ++task) {
+          const int64_t t = task / KVH_, g = task % KVH_;
+          attend<ISA>(s, w, qkv, attn, li, t, g, g * (H_ / KVH_), (g + 1) * (H_ / KVH_));
+        }
+      } else {                       // few: one task per query head (9 heads over 2 threads, not 3 groups)
+        const auto [a0, a1] = share(T * H_, tid, nt);
+        for (int64_t task = a0; task < a1; ++task) {
+          const int64_t t = task / H_, h = task % H_;
+          attend<ISA>(s, w, qkv, attn, li, t, h / (H_ / KVH_), h, h + 1);
+        }
+      }
       barrier.wait();
       matmul_share<ISA>(s, w, attn, hd, l.o, l.t_o, hidden_, s.x, hidden_, nullptr, true, tid, nt);
       barrier.wait();
