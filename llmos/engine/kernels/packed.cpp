@@ -944,6 +944,78 @@ void rows_k(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, cons
   }
 }
 
+#ifdef LLMOS_X86
+// e^x for x <= 0 (softmax after subtracting the max), 16 lanes: x = n ln2 + r with |r| <= ln2/2,
+// e^r by its degree-6 Taylor polynomial (error below float's rounding there), times 2^n by
+// vscalefps. About 1 ulp from std::exp.
+VNNI inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);   // ln2 in two parts: exact n*hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Softmax of n scores in place (n >= 1), AVX-512.
+VNNI inline void softmax512(float* x, int64_t n) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
+  float m = _mm512_reduce_max_ps(mv);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 sv = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), mb));
+    _mm512_storeu_ps(x + i, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  if (i < n) {
+    const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mb));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sv));
+  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+  for (; i < n; ++i) x[i] *= _mm512_cvtss_f32(inv);
+}
+
+// o[D] = sum_p w[p] * v_p over a paged context, o in registers (D a multiple of 16, <= 128).
+template <int NV>
+VNNI inline void pv512(const float* w, const float* vc, const int64_t* table, int64_t block_size, int64_t stride,
+                       int64_t L, float* o) {
+  __m512 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < L; ++p) {
+    const float* v = vc + (table[p / block_size] * block_size + p % block_size) * stride;
+    const __m512 wp = _mm512_set1_ps(w[p]);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(wp, _mm512_loadu_ps(v + 16 * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + 16 * i, acc[i]);
+}
+
+VNNI inline bool pv512_any(int64_t D, const float* w, const float* vc, const int64_t* table, int64_t block_size,
+                           int64_t stride, int64_t L, float* o) {
+  switch (D) {
+    case 32: pv512<2>(w, vc, table, block_size, stride, L, o); return true;
+    case 64: pv512<4>(w, vc, table, block_size, stride, L, o); return true;
+    case 80: pv512<5>(w, vc, table, block_size, stride, L, o); return true;
+    case 96: pv512<6>(w, vc, table, block_size, stride, L, o); return true;
+    case 128: pv512<8>(w, vc, table, block_size, stride, L, o); return true;
+  }
+  return false;
+}
+#endif
+
 struct SpinBarrier {
   std::atomic<int> count{0}, generation{0};
   int n = 1;
@@ -1139,6 +1211,17 @@ class DecodeStack {
       const float* k = kc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
       for (int64_t r = 0; r < n; ++r) sc[r * L + p] = vdot<ISA>(qkv + t * row + (h0 + r) * D, k, D) * s.scale;
     }
+#ifdef LLMOS_X86
+    if constexpr (ISA == 2) {
+      if (D == 32 || D == 64 || D == 80 || D == 96 || D == 128) {   // pv512_any's register tiles
+        for (int64_t r = 0; r < n; ++r) {
+          softmax512(sc + r * L, L);
+          pv512_any(D, sc + r * L, vc + g * D, table, s.block_size, KVH_ * D, L, attn + (t * H_ + h0 + r) * D);
+        }
+        return;
+      }
+    }
+#endif
     for (int64_t r = 0; r < n; ++r) {
       float* sr = sc + r * L;
       float m = -INFINITY, sum = 0.f;
