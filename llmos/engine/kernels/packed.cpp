@@ -475,8 +475,7 @@ VNNI void dot_exact_512(int64_t t, const uint8_t* w, const float* const* x, int6
 // A tile of C weight rows x R activation rows, each weight block dequantized once for the R
 // rows and each activation block loaded once for the C rows: out[c * R + r] = dot(w_c, x_r).
 // Every (c, r) pair keeps two accumulators (one per half block), so no FMA waits on the one
-// before it, and the summation order is the same whatever the tile's shape: a token's result
-// does not depend on how many others share its step.
+// before it.
 template <int C, int R>
 VNNI void tile_exact_512(int64_t t, const uint8_t* w, int64_t row, const float* const* x, int64_t nb, float* out) {
   const int64_t bs = block_bytes(t);
@@ -500,7 +499,76 @@ VNNI void tile_exact_512(int64_t t, const uint8_t* w, int64_t row, const float* 
     for (int r = 0; r < R; ++r) out[c * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][r][0], acc[c][r][1]));
 }
 
+// Q4_0 / Q4_1 for a few tokens, with half the vector work a block: the 16 nibble bytes are
+// broadcast to all four 128-bit lanes, a variable shift puts a different nibble in the low 4
+// bits of each 32-bit lane, and vpermps looks the weight up in a 16-entry table d * q + m
+// made by one FMA (vpermps reads only those 4 bits, so no masking and no widening). The
+// lanes come out in the order Q4_LANE says, so each token's activations are put in that
+// order once per matmul (q4_permute), not once per weight row.
+alignas(64) constexpr int Q4_LANE[2][16] = {   // weight index of each lane, for the two registers
+    {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29},
+    {2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31}};
+
+VNNI void q4_permute(const float* x, int64_t nb, float* out) {
+  const __m512i i0 = _mm512_load_si512(Q4_LANE[0]), i1 = _mm512_load_si512(Q4_LANE[1]);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + 16);
+    _mm512_storeu_ps(out + b * QK, _mm512_permutex2var_ps(lo, i0, hi));
+    _mm512_storeu_ps(out + b * QK + 16, _mm512_permutex2var_ps(lo, i1, hi));
+  }
+}
+
+template <int C, int R>
+VNNI void tile_q4_512(int64_t t, const uint8_t* w, int64_t row, const float* const* xp, int64_t nb, float* out) {
+  const int64_t bs = block_bytes(t), qoff = t == Q4_1 ? 4 : 2;
+  // Lane (l, j) (128-bit lane l, dword j) holds dword j of the nibbles shifted by 4l (first
+  // register) or 16 + 4l (second): byte 4j + l / 2 (+ 2), low nibble for even l, high for odd.
+  const __m512i sh0 = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+  const __m512i sh1 = _mm512_add_epi32(sh0, _mm512_set1_epi32(16));
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 iota8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.f));
+  __m512 acc[C][R][2];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r][0] = acc[c][r][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 f[C][2];
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* wb = w + c * row + b * bs;
+      _mm_prefetch((const char*)(wb + PREFETCH), _MM_HINT_T0);
+      __m512 table;
+      if (t == Q4_1) {   // d and m as halves of one dword: lanes alternate d, m
+        int32_t dm;
+        std::memcpy(&dm, wb, 4);
+        const __m512 v = _mm512_cvtph_ps(_mm256_set1_epi32(dm));
+        table = _mm512_fmadd_ps(_mm512_moveldup_ps(v), iota, _mm512_movehdup_ps(v));
+      } else {
+        table = _mm512_mul_ps(_mm512_set1_ps(h2f(wb)), iota8);
+      }
+      const __m512i q = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(wb + qoff)));
+      f[c][0] = _mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh0), table);
+      f[c][1] = _mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh1), table);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 x0 = _mm512_loadu_ps(xp[r] + b * QK), x1 = _mm512_loadu_ps(xp[r] + b * QK + 16);
+      for (int c = 0; c < C; ++c) {
+        acc[c][r][0] = _mm512_fmadd_ps(f[c][0], x0, acc[c][r][0]);
+        acc[c][r][1] = _mm512_fmadd_ps(f[c][1], x1, acc[c][r][1]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][r][0], acc[c][r][1]));
+}
+
 using ExactTile = void (*)(int64_t, const uint8_t*, int64_t, const float* const*, int64_t, float*);
+
+ExactTile q4_tile_512(int C, int R) {   // C = 4 with R <= 2, C = 2 with R <= 4, C = 1 with R <= 8
+  static const ExactTile one[8] = {tile_q4_512<1, 1>, tile_q4_512<1, 2>, tile_q4_512<1, 3>, tile_q4_512<1, 4>,
+                                   tile_q4_512<1, 5>, tile_q4_512<1, 6>, tile_q4_512<1, 7>, tile_q4_512<1, 8>};
+  static const ExactTile two[4] = {tile_q4_512<2, 1>, tile_q4_512<2, 2>, tile_q4_512<2, 3>, tile_q4_512<2, 4>};
+  static const ExactTile four[2] = {tile_q4_512<4, 1>, tile_q4_512<4, 2>};
+  return C == 4 ? four[R - 1] : C == 2 ? two[R - 1] : one[R - 1];
+}
 
 // The tile for R activation rows (1..8) and C weight rows (1, 2 or 4): more weight rows for
 // few tokens (independent work for a single stream), more tokens for one weight row in big
@@ -521,14 +589,20 @@ void rows_exact_512(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t
   const int64_t nb = k / QK, row = nb * block_bytes(t);
   const int rb = m >= 8 ? 8 : (int)m;
   const int cw = rb <= 2 ? 4 : rb <= 4 ? 2 : 1;
+  const bool q4 = (t == Q4_0 || t == Q4_1) && m <= 16;  // the table-lookup tiles, activations permuted
+  thread_local std::vector<float> xperm;
+  if (q4) {
+    if ((int64_t)xperm.size() < m * k) xperm.resize(m * k);
+    for (int64_t r = 0; r < m; ++r) q4_permute(x + r * k, nb, xperm.data() + r * k);
+  }
   float res[8 * 4];
   const float* xs[8];
   for (int64_t j = j0; j < j1;) {
     const int C = j + cw <= j1 ? cw : 1;
     for (int64_t r0 = 0; r0 < m; r0 += rb) {
       const int R = (int)std::min<int64_t>(rb, m - r0);
-      for (int r = 0; r < R; ++r) xs[r] = x + (r0 + r) * k;
-      exact_tile_512(C, R)(t, w + j * row, row, xs, nb, res);
+      for (int r = 0; r < R; ++r) xs[r] = (q4 ? xperm.data() : x) + (r0 + r) * k;
+      (q4 ? q4_tile_512(C, R) : exact_tile_512(C, R))(t, w + j * row, row, xs, nb, res);
       for (int c = 0; c < C; ++c) {
         const float b = bias ? bias[j + c] : 0.f;
         for (int r = 0; r < R; ++r) {
