@@ -79,7 +79,7 @@ class ModelRunner:
             return self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device))
         finally:
             plan.packed_max_tokens, plan.stack_max_tokens, plan.gemm_min_tokens = keep
-            plan.steps = {"stack": 0, "packed": 0, "float32": 0}
+            plan.steps = dict.fromkeys(plan.steps, 0)   # calibration steps are not served steps
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

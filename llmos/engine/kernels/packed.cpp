@@ -1003,7 +1003,7 @@ void rows_k(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, cons
   const int64_t nb = k / QK_K, bs = block_bytes(t), row = nb * bs;
   alignas(64) float buf[QK_K];
   thread_local std::vector<float> acc;
-  acc.assign(m, 0.f);
+  acc.resize(m);
   for (int64_t j = j0; j < j1; ++j) {
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t b = 0; b < nb; ++b) {
