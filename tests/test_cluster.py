@@ -209,7 +209,7 @@ def test_a_shared_system_prompt_lands_where_it_is_cached(cluster):
 
 
 def test_tenant_weights_hold_across_replicas(cluster):
-    """heavy (weight 2) and light (weight 1) each send 40 requests at once, more than the
+    """heavy (weight 2) and light (weight 1) each send 60 requests at once, more than the
     replicas take. Once the router's clocks for the two have met (the first requests ran in
     arrival order while slots were free) and the requests already running then have drained,
     and while both still have requests waiting, heavy is served twice light's tokens, counted
@@ -222,7 +222,7 @@ def test_tenant_weights_hold_across_replicas(cluster):
                 r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": _chat(i), "max_tokens": 16,
                                                          "ignore_eos": True})
                 assert r.status_code == 200
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(60)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -240,7 +240,7 @@ def test_tenant_weights_hold_across_replicas(cluster):
         w.start()
     while any(w.is_alive() for w in workers):
         samples.append(sample())
-        time.sleep(0.25)
+        time.sleep(0.1)
     for w in workers:
         w.join()
     both = [(tokens, clock) for tokens, queued, clock in samples if queued.get("heavy") and queued.get("light")]
