@@ -54,11 +54,10 @@ class ModelRunner:
         """Seconds for one decode step of n sequences on one path (ComputePlan.PATHS)."""
         return best_of(lambda: self.scratch_decode(n, path), 1)
 
-    def scratch_decode(self, n: int, path: str) -> torch.Tensor:
-        """Logits of one decode step of n sequences with 32-token contexts, on one path
+    def scratch_decode(self, n: int, path: str, ctx: int = 32) -> torch.Tensor:
+        """Logits of one decode step of n sequences with ctx-token contexts, on one path
         (ComputePlan.PATHS). For measuring at load, before any request: it writes KV slots
         of the first blocks, which must hold nothing anyone needs."""
-        ctx = 32
         per = -(-ctx // self.block_size)
         n = min(n, self.num_blocks // per)
         if n < 1:
@@ -73,7 +72,8 @@ class ModelRunner:
         pos = torch.full((n,), ctx - 1, dtype=torch.long, device=self.device)
         plan = self.plan
         keep = plan.packed_max_tokens, plan.stack_max_tokens, plan.gemm_min_tokens
-        plan.packed_max_tokens = plan.stack_max_tokens = 0 if path == "float32" else n
+        plan.stack_max_tokens = 0 if path == "float32" else n
+        plan.packed_max_tokens = n if path == "kernels" else 0     # the LM head, on the path's own kind
         plan.gemm_min_tokens = 1 if path == "gemm" else 0
         try:
             return self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device))

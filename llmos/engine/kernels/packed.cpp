@@ -44,6 +44,9 @@ namespace {
 #ifndef GEMM_TILE_FLOATS
 #define GEMM_TILE_FLOATS 131072
 #endif
+#ifndef SILU_SHARE_TOKENS
+#define SILU_SHARE_TOKENS 8
+#endif
 #ifndef GEMM_ROWS_MAX
 #define GEMM_ROWS_MAX 256
 #endif
@@ -1019,7 +1022,7 @@ void rows_k(int64_t t, const uint8_t* w, int64_t j0, int64_t j1, int64_t k, cons
 }
 
 #ifdef LLMOS_X86
-// e^x for x <= 0 (softmax after subtracting the max), 16 lanes: x = n ln2 + r with |r| <= ln2/2,
+// e^x, 16 lanes (x below -87 as -87; above 88, infinity): x = n ln2 + r with |r| <= ln2/2,
 // e^r by its degree-6 Taylor polynomial (error below float's rounding there), times 2^n by
 // vscalefps. About 1 ulp from std::exp.
 VNNI inline __m512 exp512(__m512 x) {
@@ -1063,32 +1066,168 @@ VNNI inline void softmax512(float* x, int64_t n) {
   for (; i < n; ++i) x[i] *= _mm512_cvtss_f32(inv);
 }
 
-// o[D] = sum_p w[p] * v_p over a paged context, o in registers (D a multiple of 16, <= 128).
-template <int NV>
-VNNI inline void pv512(const float* w, const float* vc, const int64_t* table, int64_t block_size, int64_t stride,
-                       int64_t L, float* o) {
-  __m512 acc[NV];
-  for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < L; ++p) {
-    const float* v = vc + (table[p / block_size] * block_size + p % block_size) * stride;
-    const __m512 wp = _mm512_set1_ps(w[p]);
-    for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(wp, _mm512_loadu_ps(v + 16 * i), acc[i]);
+// Lane i of the result = the sum of a[i]'s 16 lanes: the dot products of 16 positions finished
+// together, in 15 steps of two permutes and an add (one reduce_add a position takes about 8).
+// Step w (8, 4, 2, 1) pairs vectors that each hold partial sums in runs of 2w lanes and adds
+// each run's halves, so a pair becomes one vector with runs of w lanes.
+VNNI inline __m512 hsum16(__m512* a) {
+  int n = 16;
+  for (int w = 8; w >= 1; w /= 2) {
+    alignas(64) int lo[16];
+    for (int i = 0, c = 0; c < 32; ++c)
+      if (c % (2 * w) < w) lo[i++] = c;
+    const __m512i il = _mm512_load_si512(lo), ih = _mm512_add_epi32(il, _mm512_set1_epi32(w));
+    for (int i = 0; i < n / 2; ++i)
+      a[i] = _mm512_add_ps(_mm512_permutex2var_ps(a[2 * i], il, a[2 * i + 1]),
+                           _mm512_permutex2var_ps(a[2 * i], ih, a[2 * i + 1]));
+    n /= 2;
   }
-  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + 16 * i, acc[i]);
+  return a[0];
 }
 
-VNNI inline bool pv512_any(int64_t D, const float* w, const float* vc, const int64_t* table, int64_t block_size,
-                           int64_t stride, int64_t L, float* o) {
+// o[h][D] = sum_p w[h][p] * v_p for NH heads of one KV group over a paged context: each cached
+// value is read once for all of them, the sums in registers (D = 16 NV).
+template <int NV, int NH>
+VNNI inline void pv512(const float* w, int64_t L, const float* const* rows, float* o) {
+  __m512 acc[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int i = 0; i < NV; ++i) acc[h][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < L; ++p) {
+    const float* v = rows[p];
+    __m512 vv[NV];
+    for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(v + 16 * i);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 wp = _mm512_set1_ps(w[h * L + p]);
+      for (int i = 0; i < NV; ++i) acc[h][i] = _mm512_fmadd_ps(wp, vv[i], acc[h][i]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + h * 16 * NV + 16 * i, acc[h][i]);
+}
+
+// n query heads (consecutive, q and o [n, D]) of one KV group attending over L cached
+// positions, whose keys and values start at krows[p] and vrows[p]. sc: [n, L] scratch.
+template <int NV>
+VNNI void attend512(int64_t n, const float* q, const float* const* krows, const float* const* vrows, int64_t L,
+                    float scale, float* sc, float* o) {
+  constexpr int D = 16 * NV;
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t p0 = 0; p0 < L; p0 += 16) {
+    const int cnt = (int)std::min<int64_t>(16, L - p0);
+    const float* const* kp = krows + p0;
+    // The cache rows are scattered over the pool (a few hundred bytes each, a KV group apart):
+    // ask for the next run's keys and this run's values (read after the softmax, from L2) now.
+    const int next = (int)std::min<int64_t>(16, std::max<int64_t>(0, L - p0 - 16));
+    for (int j = 0; j < next; ++j)
+      for (int i = 0; i < NV; ++i) _mm_prefetch((const char*)(kp[16 + j] + 16 * i), _MM_HINT_T0);
+    for (int j = 0; j < cnt; ++j)
+      for (int i = 0; i < NV; ++i) _mm_prefetch((const char*)(vrows[p0 + j] + 16 * i), _MM_HINT_T1);
+    for (int64_t r = 0; r < n; ++r) {
+      __m512 qv[NV];
+      for (int i = 0; i < NV; ++i) qv[i] = _mm512_loadu_ps(q + r * D + 16 * i);
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512 a = _mm512_setzero_ps();
+        if (j < cnt)
+          for (int i = 0; i < NV; ++i) a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kp[j] + 16 * i), a);
+        acc[j] = a;
+      }
+      _mm512_mask_storeu_ps(sc + r * L + p0, (__mmask16)((1u << cnt) - 1), _mm512_mul_ps(hsum16(acc), sv));
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) softmax512(sc + r * L, L);
+  constexpr int most = NV <= 4 ? 4 : 2;      // accumulators NH x NV within the 32 registers
+  for (int64_t r = 0; r < n;) {
+    const int64_t take = std::min<int64_t>(most, n - r);
+    if (take >= 4) pv512<NV, (most >= 4 ? 4 : 1)>(sc + r * L, L, vrows, o + r * D);
+    else if (take == 3) pv512<NV, (most >= 3 ? 3 : 1)>(sc + r * L, L, vrows, o + r * D);
+    else if (take == 2) pv512<NV, 2>(sc + r * L, L, vrows, o + r * D);
+    else pv512<NV, 1>(sc + r * L, L, vrows, o + r * D);
+    r += take;
+  }
+}
+
+VNNI inline bool attend512_any(int64_t D, int64_t n, const float* q, const float* const* krows,
+                               const float* const* vrows, int64_t L, float scale, float* sc, float* o) {
   switch (D) {
-    case 32: pv512<2>(w, vc, table, block_size, stride, L, o); return true;
-    case 64: pv512<4>(w, vc, table, block_size, stride, L, o); return true;
-    case 80: pv512<5>(w, vc, table, block_size, stride, L, o); return true;
-    case 96: pv512<6>(w, vc, table, block_size, stride, L, o); return true;
-    case 128: pv512<8>(w, vc, table, block_size, stride, L, o); return true;
+    case 32: attend512<2>(n, q, krows, vrows, L, scale, sc, o); return true;
+    case 64: attend512<4>(n, q, krows, vrows, L, scale, sc, o); return true;
+    case 80: attend512<5>(n, q, krows, vrows, L, scale, sc, o); return true;
+    case 96: attend512<6>(n, q, krows, vrows, L, scale, sc, o); return true;
+    case 128: attend512<8>(n, q, krows, vrows, L, scale, sc, o); return true;
   }
   return false;
 }
+
+// act = silu(gate) * up over n values, AVX-512.
+VNNI inline void silu_mul512(const float* g, const float* u, float* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
 #endif
+
+// Weight rows [j0, j1) times M activation rows by the BLAS GEMM, a few dozen rows at a time
+// dequantized into `tile` (sized to stay in L2) and multiplied while still there, by one
+// thread (callers split the rows over their threads). Reading a weight once for many tokens,
+// the GEMM's register blocking beats the packed kernels, which dequantize a block once per
+// few tokens; and unlike dequantizing a whole matrix first, the floats never reach memory.
+// out[r, j] (row stride ldo) = (accumulate ? out : 0) + in[r] . w[j] + bias[j].
+template <int ISA>
+void gemm_rows(const float* in, int64_t M, int64_t k, const uint8_t* wp, int64_t t, int64_t j0, int64_t j1,
+               float* out, int64_t ldo, const float* bias, bool accumulate, std::vector<float>& tile) {
+  const int64_t row = row_bytes(t, k);
+  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(GEMM_ROWS_MAX, (GEMM_TILE_FLOATS / k) / 16 * 16));
+  if ((int64_t)tile.size() < chunk * k) tile.resize(chunk * k);
+  const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+  const int K = (int)k, Mi = (int)M, LDO = (int)ldo;
+  for (int64_t j = j0; j < j1; j += chunk) {
+    const int64_t rows = std::min(chunk, j1 - j);
+    for (int64_t r = 0; r < rows; ++r) dequant_row<ISA>(t, wp + (j + r) * row, k, tile.data() + r * k);
+    // Column-major view: C[rows x M] (ld ldo) = tile^T' [rows x k] * in' [k x M].
+    const int R = (int)rows;
+    sgemm_("T", "N", &R, &Mi, &K, &one, tile.data(), &K, in, &K, &beta, out + j, &LDO);
+    if (bias)
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t c = 0; c < rows; ++c) out[r * ldo + j + c] += bias[j + c];
+  }
+}
+
+// x [M, k] @ packed w [n, k]^T for wide steps (prefill, the LM head of big batches): the
+// threads split the weight rows, each through gemm_rows.
+torch::Tensor gemm(torch::Tensor x, torch::Tensor w, int64_t t, int64_t n, int64_t k, int64_t isa) {
+  check(w, t, n, k);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == torch::kFloat32,
+              "activations must be float32 [M, ", k, "]");
+  TORCH_CHECK(sgemm_ != nullptr, "no BLAS sgemm_ in this torch build");
+  x = x.contiguous();
+  const int64_t m = x.size(0);
+  auto out = torch::empty({m, n}, x.options());
+  if (m == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const Isa use = pick(isa);
+  const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), got = omp_get_num_threads();
+    const int64_t j0 = n * tid / got, j1 = n * (tid + 1) / got;
+    std::vector<float> tile;
+#ifdef LLMOS_X86
+    if (use == Isa::avx512vnni) gemm_rows<2>(xp, m, k, wp, t, j0, j1, op, n, nullptr, false, tile);
+    else if (use == Isa::avx2) gemm_rows<1>(xp, m, k, wp, t, j0, j1, op, n, nullptr, false, tile);
+    else
+#endif
+      gemm_rows<0>(xp, m, k, wp, t, j0, j1, op, n, nullptr, false, tile);
+  }
+  return out;
+}
 
 struct SpinBarrier {
   std::atomic<int> count{0}, generation{0};
@@ -1152,11 +1291,12 @@ class DecodeStack {
     Step s{x.data_ptr<float>(), positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
            slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
            x.size(0), block_tables.size(1), block_size, (float)scale, int8,
-           !int8 && gemm_min > 0 && x.size(0) >= gemm_min && sgemm_ != nullptr};
+           !int8 && gemm_min > 0 && x.size(0) >= gemm_min && sgemm_ != nullptr, nullptr};
     const int64_t T = s.T;
     int64_t max_ctx = 1;
     for (int64_t t = 0; t < T; ++t) max_ctx = std::max(max_ctx, s.ctx[t]);
-    std::vector<float> qkv(T * (H_ + 2 * KVH_) * D_), attn(T * H_ * D_), gu(T * 2 * inter_);
+    std::vector<float> qkv(T * (H_ + 2 * KVH_) * D_), attn(T * H_ * D_), gu(T * 2 * inter_), act(T * inter_);
+    s.act = act.data();
     const Isa use = pick(isa);
     const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
     SpinBarrier barrier;
@@ -1166,7 +1306,7 @@ class DecodeStack {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
       if (tid == 0 && n != nt) barrier.n = n;   // the runtime gave fewer threads than asked
 #pragma omp barrier
-      Scratch w(T, hidden_, inter_, H_ * D_, (H_ / KVH_) * max_ctx);
+      Scratch w(T, hidden_, inter_, H_ * D_, max_ctx, H_ / KVH_);
 #ifdef LLMOS_X86
       if (use == Isa::avx512vnni) run_vnni(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
       else if (use == Isa::avx2) run_avx2(s, w, qkv.data(), attn.data(), gu.data(), tid, n, barrier);
@@ -1187,12 +1327,15 @@ class DecodeStack {
     float scale;
     bool int8;
     bool gemm;   // big step: dequantized tiles through the BLAS GEMM
+    float* act;  // [T, inter], shared by the threads
   };
   struct Scratch {    // one thread's own buffers
     std::vector<float> h, act, scores, tile;
     std::vector<ActBlock> qa;
-    Scratch(int64_t T, int64_t hidden, int64_t inter, int64_t hd, int64_t scores_len)
-        : h(T * hidden), act(T * inter), scores(scores_len), qa(T * std::max({hidden, inter, hd}) / QK) {}
+    std::vector<const float*> rows;    // where each context position's key and value are
+    Scratch(int64_t T, int64_t hidden, int64_t inter, int64_t hd, int64_t max_ctx, int64_t heads_per_group)
+        : h(T * hidden), act(T * inter), scores(heads_per_group * max_ctx), qa(T * std::max({hidden, inter, hd}) / QK),
+          rows(2 * max_ctx) {}
   };
 
   static std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt) {
@@ -1209,31 +1352,11 @@ class DecodeStack {
     }
   }
 
-  // A big step's matmul: this thread's share of the weight rows, a few dozen rows at a time
-  // dequantized into its own buffer (in L2) and multiplied by the BLAS GEMM, single-threaded
-  // inside this parallel region. Reading a weight once for T tokens, the GEMM's register
-  // blocking beats the packed kernels, which dequantize a block once per few tokens.
   template <int ISA>
   void gemm_share(const Step& s, Scratch& w, const float* in, int64_t k, const torch::Tensor& wt, int64_t t,
                   int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
     const auto [j0, j1] = share(n, tid, nt);
-    const int64_t row = row_bytes(t, k);
-    const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(GEMM_ROWS_MAX, (GEMM_TILE_FLOATS / k) / 16 * 16));
-    if ((int64_t)w.tile.size() < chunk * k) w.tile.resize(chunk * k);
-    const uint8_t* wp = wt.data_ptr<uint8_t>();
-    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
-    const int K = (int)k, M = (int)s.T, LDO = (int)ldo;
-    for (int64_t j = j0; j < j1; j += chunk) {
-      const int64_t rows = std::min(chunk, j1 - j);
-      float* tile = w.tile.data();
-      for (int64_t r = 0; r < rows; ++r) dequant_row<ISA>(t, wp + (j + r) * row, k, tile + r * k);
-      // Column-major view: C[rows x T] (ld ldo) = tile^T' [rows x k] * in' [k x T].
-      const int R = (int)rows;
-      sgemm_("T", "N", &R, &M, &K, &one, tile, &K, in, &K, &beta, out + j, &LDO);
-      if (bias)
-        for (int64_t r = 0; r < s.T; ++r)
-          for (int64_t c = 0; c < rows; ++c) out[r * ldo + j + c] += bias[j + c];
-    }
+    gemm_rows<ISA>(in, s.T, k, wt.data_ptr<uint8_t>(), t, j0, j1, out, ldo, bias, accumulate, w.tile);
   }
 
   template <int ISA>
@@ -1247,6 +1370,21 @@ class DecodeStack {
       for (int64_t r = 0; r < s.T; ++r) quantize_act(ISA > 0, in + r * k, k / QK, w.qa.data() + r * (k / QK));
     const auto [j0, j1] = share(n, tid, nt);
     rows_dot<ISA>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, w.qa.data(), s.T, s.int8, out, ldo, bias, accumulate);
+  }
+
+  template <int ISA>
+  void silu_rows(const float* gu, float* act, int64_t t0, int64_t t1) const {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* g = gu + t * 2 * inter_;
+      float* o = act + t * inter_;
+#ifdef LLMOS_X86
+      if constexpr (ISA == 2) {
+        silu_mul512(g, g + inter_, o, inter_);
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < inter_; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * g[inter_ + i];
+    }
   }
 
   // RoPE on q heads [g*R, (g+1)*R) and k head g of token t; k and v into the cache.
@@ -1281,21 +1419,26 @@ class DecodeStack {
     const int64_t L = s.ctx[t];
     const int64_t* table = s.tables + t * s.max_blocks;
     float* sc = w.scores.data();                 // [n, L]
-    for (int64_t p = 0; p < L; ++p) {
-      const float* k = kc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
-      for (int64_t r = 0; r < n; ++r) sc[r * L + p] = vdot<ISA>(qkv + t * row + (h0 + r) * D, k, D) * s.scale;
-    }
 #ifdef LLMOS_X86
     if constexpr (ISA == 2) {
-      if (D == 32 || D == 64 || D == 80 || D == 96 || D == 128) {   // pv512_any's register tiles
-        for (int64_t r = 0; r < n; ++r) {
-          softmax512(sc + r * L, L);
-          pv512_any(D, sc + r * L, vc + g * D, table, s.block_size, KVH_ * D, L, attn + (t * H_ + h0 + r) * D);
+      if (D == 32 || D == 64 || D == 80 || D == 96 || D == 128) {   // attend512's register tiles
+        const float** kr = w.rows.data();
+        const float** vr = kr + L;
+        for (int64_t p = 0, b = 0, off = 0; p < L; ++p) {
+          const int64_t at = ((table[b] * s.block_size + off) * KVH_ + g) * D;
+          kr[p] = kc + at;
+          vr[p] = vc + at;
+          if (++off == s.block_size) { off = 0; ++b; }
         }
+        attend512_any(D, n, qkv + t * row + h0 * D, kr, vr, L, s.scale, sc, attn + (t * H_ + h0) * D);
         return;
       }
     }
 #endif
+    for (int64_t p = 0; p < L; ++p) {
+      const float* k = kc + ((table[p / s.block_size] * s.block_size + p % s.block_size) * KVH_ + g) * D;
+      for (int64_t r = 0; r < n; ++r) sc[r * L + p] = vdot<ISA>(qkv + t * row + (h0 + r) * D, k, D) * s.scale;
+    }
     for (int64_t r = 0; r < n; ++r) {
       float* sr = sc + r * L;
       float m = -INFINITY, sum = 0.f;
@@ -1345,12 +1488,18 @@ class DecodeStack {
       matmul_share<ISA>(s, w, w.h.data(), hidden_, l.gate_up, l.t_gate_up, 2 * inter_, gu, 2 * inter_, nullptr,
                         false, tid, nt);
       barrier.wait();
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t i = 0; i < inter_; ++i) {
-          const float g = gu[t * 2 * inter_ + i];
-          w.act[t * inter_ + i] = g / (1.f + std::exp(-g)) * gu[t * 2 * inter_ + inter_ + i];
-        }
-      matmul_share<ISA>(s, w, w.act.data(), inter_, l.down, l.t_down, hidden_, s.x, hidden_, nullptr, true, tid, nt);
+      // SiLU(gate) * up: shared out over the threads for steps big enough to pay a barrier,
+      // computed by each thread for itself below that.
+      float* act = w.act.data();
+      if (T >= SILU_SHARE_TOKENS) {
+        const auto [t0, t1] = share(T, tid, nt);
+        silu_rows<ISA>(gu, s.act, t0, t1);
+        barrier.wait();
+        act = s.act;
+      } else {
+        silu_rows<ISA>(gu, act, 0, T);
+      }
+      matmul_share<ISA>(s, w, act, inter_, l.down, l.t_down, hidden_, s.x, hidden_, nullptr, true, tid, nt);
       barrier.wait();
     }
   }
@@ -1404,6 +1553,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
+  m.def("gemm", &gemm, "x [M, K] @ packed w [N, K]^T through dequantized tiles and the BLAS GEMM");
   m.def("has_blas", [] { return sgemm_ != nullptr; });
   m.def("cpu_features", &cpu_features);
 }
