@@ -30,7 +30,7 @@ log = logging.getLogger("llmos.engine")
 
 ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512vnni": 2}
 
-KERNEL_VERSION = 11       # bump when the kernels change what they cost
+KERNEL_VERSION = 12       # bump when the kernels change what they cost
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
