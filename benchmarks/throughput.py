@@ -106,15 +106,15 @@ def profile_llmos(args, chats, lengths) -> str:
     def own(name: str) -> float:
         return sum(v[2] for (_, _, n), v in stats.items() if name in n)
 
-    linear, kv_write = own("torch._C._nn.linear"), own("'index_copy_'")
+    linear, kv_write = own("torch._C._nn.linear") + own("llmos_packed.gemm"), own("'index_copy_'")
     forward, attention, decode_attn = cum("forward"), cum("_attention"), cum("paged_decode_attention")
     stack, packed_mm, dequant = own("llmos_packed.forward"), own("llmos_packed.matmul"), own("llmos_packed.dequantize")
     forward -= stack
     parts = [
         ("decode stack (packed; every layer of a decode step in one C++ call)", stack),
         ("packed matmuls outside the stack (lm_head, prefill layers)", packed_mm),
-        ("dequantizing tiles for float32 GEMMs", dequant),
-        ("GEMMs (F.linear, incl. lm_head)", linear),
+        ("dequantizing 8 MiB tiles for float32 GEMMs (long prompts)", dequant),
+        ("GEMMs (F.linear; L2-tile GEMMs of packed weights; incl. lm_head)", linear),
         ("decode attention (paged kernel)", decode_attn),
         ("prefill attention (gather + SDPA)", attention - decode_attn),
         ("KV cache writes (index_copy_)", kv_write),

@@ -193,6 +193,14 @@ def test_greedy_outputs_of_the_exact_path_agree_with_float32(engines):
     assert same >= 0.9 * len(chats), f"{same}/{len(chats)} identical"
 
 
+def random_contexts(runner) -> None:
+    """Every KV slot a distinct random key and value (not zeros), the same for every runner."""
+    torch.manual_seed(0)
+    for k, v in runner.kv_caches:
+        k.normal_()
+        v.normal_()
+
+
 def test_every_decode_path_computes_the_same_logits(default_model_path):
     """A decode step in the C++ stack on the packed kernels, in the stack on dequantized tiles
     and the BLAS GEMM, and op by op in float32: the same logits up to summation order, for
@@ -201,10 +209,7 @@ def test_every_decode_path_computes_the_same_logits(default_model_path):
     with LLM("smollm2-135m", kv_cache_memory="256MiB", compute="packed") as llm:
         runner = llm.engine.runner
         assert runner.model.stack is not None and packed.kernels().has_blas()
-        torch.manual_seed(0)
-        for k, v in runner.kv_caches:     # contexts of distinct keys and values, not zeros
-            k.normal_()
-            v.normal_()
+        random_contexts(runner)
         for n, ctx in ((1, 45), (2, 200), (5, 32), (17, 173)):
             logits = {path: runner.scratch_decode(n, path, ctx) for path in ("kernels", "gemm", "float32")}
             assert logits["kernels"].shape[0] == n
@@ -213,6 +218,14 @@ def test_every_decode_path_computes_the_same_logits(default_model_path):
             for path in ("gemm", "float32"):
                 assert rel(logits[path], logits["kernels"]) < 1e-3, (n, ctx, path)
             assert torch.equal(logits["kernels"].argmax(-1), logits["gemm"].argmax(-1))
+        random_contexts(runner)
+        exact = runner.scratch_decode(17, "gemm", 60)
+    # Under int8 activations a step on the GEMM path still multiplies float32 activations.
+    with LLM("smollm2-135m", kv_cache_memory="256MiB", compute="packed", packed_activations="int8") as llm:
+        runner = llm.engine.runner
+        random_contexts(runner)
+        assert rel(runner.scratch_decode(17, "gemm", 60), exact) < 1e-5
+        assert rel(runner.scratch_decode(17, "kernels", 60), exact) > 1e-4     # the int8 kernels round
 
 
 def test_the_plan_puts_big_decode_steps_on_the_gemm():

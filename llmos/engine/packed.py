@@ -117,7 +117,9 @@ class ComputePlan:
     packed kernels below `gemm_min_tokens`, dequantized tiles through the BLAS GEMM from
     there. Other steps (prefill, adapters) go op by op: packed kernels up to
     `packed_max_tokens` tokens, float32 GEMMs on tiles dequantized per layer beyond.
-    Chosen from timings made at load unless the setting forces one path."""
+    Chosen from timings made at load unless the setting forces one path. int8 activations
+    are the packed kernels' (where a step is bound by reading weights); GEMM steps multiply
+    float32 activations under either setting."""
     mode: str                                   # the setting: auto | packed | float32
     int8: bool = True                           # packed kernels quantize activations to 8 bits
     packed_max_tokens: int = 0
@@ -160,7 +162,7 @@ class ComputePlan:
             self.timings = {int(m): t for m, t in got.get("timings", {}).items()}
             return
         t0, busy0 = time.perf_counter(), _others_cpu()
-        gemm_ok = not self.int8 and kernels().has_blas()
+        gemm_ok = kernels().has_blas()
         kernel_losses = 0
         for m in sizes:
             paths = [p for p in self.PATHS if (p != "gemm" or gemm_ok) and (p != "kernels" or kernel_losses < 2)]

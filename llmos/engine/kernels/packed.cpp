@@ -1291,7 +1291,7 @@ class DecodeStack {
     Step s{x.data_ptr<float>(), positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
            slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
            x.size(0), block_tables.size(1), block_size, (float)scale, int8,
-           !int8 && gemm_min > 0 && x.size(0) >= gemm_min && sgemm_ != nullptr, nullptr};
+           gemm_min > 0 && x.size(0) >= gemm_min && sgemm_ != nullptr, nullptr};
     const int64_t T = s.T;
     int64_t max_ctx = 1;
     for (int64_t t = 0; t < T; ++t) max_ctx = std::max(max_ctx, s.ctx[t]);
