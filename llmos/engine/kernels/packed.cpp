@@ -475,6 +475,25 @@ VNNI void dot_exact_512(int64_t t, const uint8_t* w, const float* const* x, int6
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// The tiles' shared inner step: C dequantized weight blocks (as two halves) times R
+// activation blocks starting at float `at`, into two accumulators a pair; and their sums.
+template <int C, int R>
+VNNI inline void fma_tile(const __m512 (&f)[C][2], const float* const* x, int64_t at, __m512 (&acc)[C][R][2]) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 x0 = _mm512_loadu_ps(x[r] + at), x1 = _mm512_loadu_ps(x[r] + at + 16);
+    for (int c = 0; c < C; ++c) {
+      acc[c][r][0] = _mm512_fmadd_ps(f[c][0], x0, acc[c][r][0]);
+      acc[c][r][1] = _mm512_fmadd_ps(f[c][1], x1, acc[c][r][1]);
+    }
+  }
+}
+
+template <int C, int R>
+VNNI inline void sum_tile(const __m512 (&acc)[C][R][2], float* out) {
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[c * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][r][0], acc[c][r][1]));
+}
+
 // A tile of C weight rows x R activation rows, each weight block dequantized once for the R
 // rows and each activation block loaded once for the C rows: out[c * R + r] = dot(w_c, x_r).
 // Every (c, r) pair keeps two accumulators (one per half block), so no FMA waits on the one
@@ -490,16 +509,9 @@ VNNI void tile_exact_512(int64_t t, const uint8_t* w, int64_t row, const float* 
       _mm_prefetch((const char*)(w + c * row + b * bs + PREFETCH), _MM_HINT_T0);
       dequant512(t, w + c * row + b * bs, f[c]);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512 x0 = _mm512_loadu_ps(x[r] + b * QK), x1 = _mm512_loadu_ps(x[r] + b * QK + 16);
-      for (int c = 0; c < C; ++c) {
-        acc[c][r][0] = _mm512_fmadd_ps(f[c][0], x0, acc[c][r][0]);
-        acc[c][r][1] = _mm512_fmadd_ps(f[c][1], x1, acc[c][r][1]);
-      }
-    }
+    fma_tile<C, R>(f, x, b * QK, acc);
   }
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) out[c * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][r][0], acc[c][r][1]));
+  sum_tile<C, R>(acc, out);
 }
 
 // Q4_0 / Q4_1 for a few tokens, with half the vector work a block: the 16 nibble bytes are
@@ -551,16 +563,9 @@ VNNI void tile_q4_512(int64_t t, const uint8_t* w, int64_t row, const float* con
       f[c][0] = _mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh0), table);
       f[c][1] = _mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh1), table);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512 x0 = _mm512_loadu_ps(xp[r] + b * QK), x1 = _mm512_loadu_ps(xp[r] + b * QK + 16);
-      for (int c = 0; c < C; ++c) {
-        acc[c][r][0] = _mm512_fmadd_ps(f[c][0], x0, acc[c][r][0]);
-        acc[c][r][1] = _mm512_fmadd_ps(f[c][1], x1, acc[c][r][1]);
-      }
-    }
+    fma_tile<C, R>(f, xp, b * QK, acc);
   }
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) out[c * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][r][0], acc[c][r][1]));
+  sum_tile<C, R>(acc, out);
 }
 
 using ExactTile = void (*)(int64_t, const uint8_t*, int64_t, const float* const*, int64_t, float*);
@@ -1105,6 +1110,15 @@ VNNI inline void pv512(const float* w, int64_t L, const float* const* rows, floa
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(o + h * 16 * NV + 16 * i, acc[h][i]);
 }
 
+// pv512 for `heads` (1..NH) heads.
+template <int NV, int NH>
+VNNI inline void pv512_upto(int64_t heads, const float* w, int64_t L, const float* const* rows, float* o) {
+  if constexpr (NH > 1) {
+    if (heads < NH) return pv512_upto<NV, NH - 1>(heads, w, L, rows, o);
+  }
+  pv512<NV, NH>(w, L, rows, o);
+}
+
 // n query heads (consecutive, q and o [n, D]) of one KV group attending over L cached
 // positions, whose keys and values start at krows[p] and vrows[p]. sc: [n, L] scratch.
 template <int NV>
@@ -1137,14 +1151,8 @@ VNNI void attend512(int64_t n, const float* q, const float* const* krows, const 
   }
   for (int64_t r = 0; r < n; ++r) softmax512(sc + r * L, L);
   constexpr int most = NV <= 4 ? 4 : 2;      // accumulators NH x NV within the 32 registers
-  for (int64_t r = 0; r < n;) {
-    const int64_t take = std::min<int64_t>(most, n - r);
-    if (take >= 4) pv512<NV, (most >= 4 ? 4 : 1)>(sc + r * L, L, vrows, o + r * D);
-    else if (take == 3) pv512<NV, (most >= 3 ? 3 : 1)>(sc + r * L, L, vrows, o + r * D);
-    else if (take == 2) pv512<NV, 2>(sc + r * L, L, vrows, o + r * D);
-    else pv512<NV, 1>(sc + r * L, L, vrows, o + r * D);
-    r += take;
-  }
+  for (int64_t r = 0; r < n; r += most) pv512_upto<NV, most>(std::min<int64_t>(most, n - r), sc + r * L, L, vrows,
+                                                             o + r * D);
 }
 
 VNNI inline bool attend512_any(int64_t D, int64_t n, const float* q, const float* const* krows,
