@@ -154,6 +154,44 @@ def test_bad_shapes_and_types_are_refused_clearly():
         LLM("smollm2-135m", packed_activations="int4")
 
 
+VNNI = packed.kernels().has_avx512vnni()
+
+
+@pytest.mark.skipif(not VNNI, reason="the panel layout is for AVX-512 VNNI, which this CPU lacks")
+@pytest.mark.parametrize("qtype", sorted(TYPES))
+def test_vnni_panels_give_the_int8_variants_numbers(qtype):
+    """The panels (16 rows interleaved for vpdpbusd) compute what the row-by-row int8 kernel
+    computes (the same 8-bit activations and integer products, summed in another order), for a
+    row count that fills no panel and step sizes that fill no tile of 8 tokens."""
+    torch.manual_seed(0)
+    p = packed.quantize(torch.randn(37, 160) * torch.logspace(-2, 0, 160), qtype)
+    ref = reference(p)
+    assert p.panels is None and packed.attach_panels([p]) == p.panels.numel() > 0
+    assert packed.attach_panels([p]) == 0                     # attached once
+    for m in (1, 7, 8, 9, 17, 64):
+        x = torch.randn(m, 160)
+        got = packed.matmul(x, p, int8=True)                  # auto: the panels
+        assert got.shape == (m, 37)
+        assert rel(got, packed.matmul(x, p, int8=True, isa="avx512vnni")) < 1e-5, m   # row by row
+        assert rel(got, x @ ref.T) < 0.02, m
+    # The exact variant never reads them.
+    assert torch.equal(packed.matmul(x, p, int8=False), packed.matmul(x, p, int8=False, isa="avx512vnni"))
+
+
+@pytest.mark.skipif(not VNNI, reason="the panel layout is for AVX-512 VNNI, which this CPU lacks")
+def test_panels_refuse_what_they_cannot_hold():
+    k = packed.kernels()
+    p = packed.quantize(torch.randn(20, 64), "q4_1")
+    with pytest.raises(RuntimeError, match="panels hold Q4_0, Q4_1 or Q8_0"):
+        k.repack_panels(p.data, 12, 20, 64)
+    with pytest.raises(RuntimeError, match="uint8 repacking of a \\[20, 64\\] matrix"):
+        k.matmul_panels(torch.randn(2, 64), torch.zeros(10, dtype=torch.uint8), 3, 20, 64)
+    with pytest.raises(RuntimeError, match="activations must be float32"):
+        k.matmul_panels(torch.randn(2, 32), k.repack_panels(p.data, 3, 20, 64), 3, 20, 64)
+    kq = PackedTensor(torch.zeros(4 * 144, dtype=torch.uint8), "q4_k", (4, 256))
+    assert packed.attach_panels([kq]) == 0 and kq.panels is None    # K-quants stay on the exact kernels
+
+
 # -- the real model on each path -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -178,7 +216,12 @@ def test_perplexity_of_the_packed_paths(engines):
     assert 5 < ppl["float32"] < 40, ppl                    # the model reads English
     assert abs(ppl["exact"] / ppl["float32"] - 1) < 0.01, ppl
     assert abs(ppl["int8"] / ppl["float32"] - 1) < 0.03, ppl
-    assert engines["int8"].engine.runner.plan.steps["packed"] >= 1
+    plan = engines["int8"].engine.runner.plan
+    assert plan.steps["packed"] >= 1
+    assert plan.panels == VNNI                             # on VNNI CPUs that was the panels' perplexity
+    if VNNI:
+        assert plan.info()["panel_bytes"] > plan.weight_bytes / 2
+        assert engines["exact"].engine.runner.plan.panel_bytes == 0   # the exact variant holds none
 
 
 def test_greedy_outputs_of_the_exact_path_agree_with_float32(engines):
@@ -226,6 +269,9 @@ def test_every_decode_path_computes_the_same_logits(default_model_path):
         random_contexts(runner)
         assert rel(runner.scratch_decode(17, "gemm", 60), exact) < 1e-5
         assert rel(runner.scratch_decode(17, "kernels", 60), exact) > 1e-4     # the int8 kernels round
+        # (How far: on random contexts any two int8 paths differ by 20-60 % in the logits, the
+        # row-by-row kernels as much as the panels, since a rounding flip in one 8-bit block
+        # grows through 30 layers; their quality is the perplexity test's, on real text.)
 
 
 def test_the_plan_puts_big_decode_steps_on_the_gemm():

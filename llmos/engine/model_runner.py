@@ -56,8 +56,9 @@ class ModelRunner:
 
     def scratch_decode(self, n: int, path: str, ctx: int = 32) -> torch.Tensor:
         """Logits of one decode step of n sequences with ctx-token contexts, on one path
-        (ComputePlan.PATHS). For measuring at load, before any request: it writes KV slots
-        of the first blocks, which must hold nothing anyone needs."""
+        (ComputePlan.PATHS, or "ops": the packed kernels op by op, outside the stack). For
+        measuring at load, before any request: it writes KV slots of the first blocks, which
+        must hold nothing anyone needs."""
         per = -(-ctx // self.block_size)
         n = min(n, self.num_blocks // per)
         if n < 1:
@@ -72,8 +73,8 @@ class ModelRunner:
         pos = torch.full((n,), ctx - 1, dtype=torch.long, device=self.device)
         plan = self.plan
         keep = plan.packed_max_tokens, plan.stack_max_tokens, plan.gemm_min_tokens
-        plan.stack_max_tokens = 0 if path == "float32" else n
-        plan.packed_max_tokens = n if path == "kernels" else 0     # the LM head, on the path's own kind
+        plan.stack_max_tokens = 0 if path in ("float32", "ops") else n
+        plan.packed_max_tokens = n if path in ("kernels", "ops") else 0     # the LM head, on the path's own kind
         plan.gemm_min_tokens = 1 if path == "gemm" else 0
         try:
             return self.model(ids, pos, self.kv_caches, meta, torch.arange(n, device=self.device))

@@ -30,7 +30,7 @@ log = logging.getLogger("llmos.engine")
 
 ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512vnni": 2}
 
-KERNEL_VERSION = 12       # bump when the kernels change what they cost
+KERNEL_VERSION = 13       # bump when the kernels change what they cost
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -81,7 +81,10 @@ def dequantize(p: PackedTensor, out: torch.Tensor | None = None, isa: str = "aut
 
 def matmul(x: torch.Tensor, p: PackedTensor, int8: bool = True, isa: str = "auto") -> torch.Tensor:
     """x [M, cols] float32 @ p^T -> [M, rows], straight from the packed blocks; int8: the
-    activations are quantized to 8 bits a block first (integer dot products)."""
+    activations are quantized to 8 bits a block first (integer dot products), through the
+    matrix's VNNI panels where it has them."""
+    if int8 and p.panels is not None and isa == "auto":
+        return kernels().matmul_panels(x, p.panels, GGML_TYPES[p.qtype], p.shape[0], p.shape[1])
     return kernels().matmul(x, p.data, GGML_TYPES[p.qtype], p.shape[0], p.shape[1], int8, ISAS[isa])
 
 
@@ -90,6 +93,26 @@ def gemm(x: torch.Tensor, p: PackedTensor, isa: str = "auto") -> torch.Tensor:
     dozen weight rows at a time into a tile in its L2 and multiplies it there with the BLAS
     GEMM that torch links (kernels().has_blas() says whether it does)."""
     return kernels().gemm(x, p.data, GGML_TYPES[p.qtype], p.shape[0], p.shape[1], ISAS[isa])
+
+
+PANEL_TYPES = ("q4_0", "q4_1", "q8_0")
+
+
+def panels_available() -> bool:
+    return kernels_available() and kernels().has_avx512vnni()
+
+
+def attach_panels(mats: list) -> int:
+    """Gives each Q4_0/Q4_1/Q8_0 matrix its VNNI panels (16 rows interleaved, so one
+    instruction advances 16 rows by 4 weights): what int8-activation steps multiply on
+    AVX-512 VNNI CPUs. Kept beside the GGUF rows, which prefill and the exact variant read.
+    Returns the bytes added."""
+    added = 0
+    for m in mats:
+        if isinstance(m, PackedTensor) and m.qtype in PANEL_TYPES and m.panels is None:
+            m.panels = kernels().repack_panels(m.data, GGML_TYPES[m.qtype], m.shape[0], m.shape[1])
+            added += m.panels.numel()
+    return added
 
 
 def embedding(p: PackedTensor, ids: torch.Tensor) -> torch.Tensor:
@@ -107,6 +130,10 @@ def decode_stack(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: i
         stack.add_layer(*(a for key in ("qkv", "o", "gate_up", "down")
                           for a in (layer[key].data, GGML_TYPES[layer[key].qtype])),
                         layer["in_norm"], layer["post_norm"], layer["qkv_b"], k, v)
+    for i, layer in enumerate(layers):
+        mats = [layer[key] for key in ("qkv", "o", "gate_up", "down")]
+        if all(m.panels is not None for m in mats):
+            stack.set_panels(i, *(m.panels for m in mats))
     return stack
 
 
@@ -126,6 +153,8 @@ class ComputePlan:
     stack_max_tokens: int = 0
     gemm_min_tokens: int = 0                    # 0: the stack never uses the GEMM
     weight_bytes: int = 0                       # the matrices as held in memory
+    panel_bytes: int = 0                        # their VNNI panels beside them (int8 activations)
+    panels: bool = False                        # the int8 kernels multiply every matrix's panels
     weight_types: dict[str, int] = field(default_factory=dict)   # type -> matrices of it
     timings: dict[int, dict[str, float]] = field(default_factory=dict)   # tokens -> path -> seconds
     steps: dict[str, int] = field(default_factory=lambda: {"stack": 0, "packed": 0, "float32": 0})
@@ -136,6 +165,8 @@ class ComputePlan:
         """Record what the matrices are held as, and their bytes."""
         self.weight_bytes = sum(m.nbytes if isinstance(m, PackedTensor) else m.numel() * m.element_size()
                                 for m in mats)
+        self.panel_bytes = sum(m.panels.numel() for m in mats if isinstance(m, PackedTensor) and m.panels is not None)
+        self.panels = self.int8 and all(m.panels is not None for m in mats if isinstance(m, PackedTensor))
         self.weight_types = {}
         for m in mats:
             kind = m.qtype if isinstance(m, PackedTensor) else str(m.dtype).removeprefix("torch.")
@@ -208,8 +239,13 @@ class ComputePlan:
             if stack(m) > 1.1 * f32(m):
                 break
             self.stack_max_tokens = m
-        if measured and self.stack_max_tokens == measured[-1] and self.gemm_min_tokens:
+        # Past the sizes measured, a path that won at the largest keeps winning: the GEMM's cost
+        # grows no faster than linearly, and neither do the VNNI panels' (int8), whose unpacking
+        # is shared by every token of a step.
+        if measured and self.stack_max_tokens == measured[-1] and (self.gemm_min_tokens or self.panels):
             self.stack_max_tokens = 1 << 30
+        if measured and self.packed_max_tokens == measured[-1] and self.panels:
+            self.packed_max_tokens = 1 << 30
 
     def stack(self, tokens: int) -> bool:
         use = tokens <= self.stack_max_tokens
@@ -226,6 +262,7 @@ class ComputePlan:
         return {"compute": self.mode, "activations": "int8" if self.int8 else "float32",
                 "packed_max_tokens": self.packed_max_tokens, "stack_max_tokens": self.stack_max_tokens,
                 "gemm_min_tokens": self.gemm_min_tokens, "weight_bytes": self.weight_bytes,
+                "panel_bytes": self.panel_bytes,
                 "weight_types": dict(self.weight_types), "steps": dict(self.steps),
                 "cpu_features": list(kernels().cpu_features()) if self.mode != "float32" else [],
                 "timings_ms": {str(m): {k: round(v * 1e3, 3) for k, v in t.items()} for m, t in self.timings.items()}}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from llmos.engine.lora import LoraBatch
-from llmos.engine.packed import (ComputePlan, decode_stack, dequant_linear, dequantize, embedding, matmul, quantize,
-                                 scratch_for)
+from llmos.engine.packed import (ComputePlan, attach_panels, decode_stack, dequant_linear, dequantize, embedding,
+                                 matmul, panels_available, quantize, scratch_for)
 from llmos.engine.paged_attention import paged_decode_attention, rope_and_store
 from llmos.models.config import ModelConfig
 from llmos.models.packed import PackedTensor
@@ -102,6 +102,8 @@ class Transformer(torch.nn.Module):
         self.small_lm_head: torch.Tensor | None = None
         self.plan = plan
         packed = [m for m in self.matrices() if isinstance(m, PackedTensor)]
+        if packed and plan is not None and plan.int8 and plan.mode != "float32" and panels_available():
+            attach_panels(packed)
         self._scratch = scratch_for(packed) if packed else None
         self._packed_step = False
         self.stack = None

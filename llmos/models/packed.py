@@ -4,7 +4,7 @@ the arithmetic on it lives in llmos.engine.packed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,9 @@ class PackedTensor:
     data: torch.Tensor
     qtype: str
     shape: tuple[int, int]
+    # The same matrix as 16-row VNNI panels, beside `data`, where int8-activation steps use them
+    # (llmos.engine.packed.attach_panels); None otherwise.
+    panels: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rows, cols = self.shape

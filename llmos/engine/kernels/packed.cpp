@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <thread>
+#include <utility>
 #include <cstring>
 #include <vector>
 
@@ -749,6 +750,172 @@ void quantize_act(bool avx, const float* x, int64_t nb, ActBlock* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Panels: the int8-activation layout for AVX-512 VNNI. Sixteen weight rows are interleaved so
+// that one vpdpbusd advances sixteen rows by four weights each against four activation bytes
+// broadcast to every lane: no horizontal sums, and a block's unpacking (two instructions per
+// 64 nibble bytes) is shared by every token of the step. Per panel and block:
+//   Q4_0 / Q4_1: 4 x 64 bytes; register j, lane l (row l), byte i: low nibble q[l][8j + i],
+//                high nibble q[l][8j + 4 + i]
+//   Q8_0:        8 x 64 bytes; register u, lane l, byte i: q[l][4u + i] + 128
+// then 16 fp16 scales d and 16 fp16 offsets m (Q4_1's m, Q4_0's -8d, Q8_0's -128d: powers of
+// two times d, exact in fp16), so that dot(w_l, x) = sum over blocks of
+// d_l d_x dot_u(q_l, q_x) + m_l s_x (ActBlock: x ~= d_x q_x, s_x = d_x sum(q_x)). Rows past n
+// are zero. The same bytes as Q4_1 (Q4_0: one bit a weight more); kept beside the GGUF rows.
+constexpr int PANEL = 16;
+
+int64_t panel_weight_bytes(int64_t t) { return t == Q8_0 ? 512 : 256; }
+int64_t panel_block_bytes(int64_t t) { return panel_weight_bytes(t) + 4 * PANEL; }
+
+torch::Tensor repack_panels(torch::Tensor w, int64_t t, int64_t n, int64_t k) {
+  TORCH_CHECK(t == Q4_0 || t == Q4_1 || t == Q8_0, "panels hold Q4_0, Q4_1 or Q8_0 weights, not type ", t);
+  check(w, t, n, k);
+  const int64_t nb = k / QK, np = (n + PANEL - 1) / PANEL, pbb = panel_block_bytes(t), row = row_bytes(t, k);
+  const int64_t bs = block_bytes(t), wb = panel_weight_bytes(t);
+  auto out = torch::zeros({np * nb * pbb}, torch::kUInt8);
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  std::atomic<bool> inexact{false};
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* o = dst + (p * nb + b) * pbb;
+        uint16_t* dm = reinterpret_cast<uint16_t*>(o + wb);   // 16 d, then 16 m
+        for (int l = 0; l < PANEL && p * PANEL + l < n; ++l) {
+          const uint8_t* blk = src + (p * PANEL + l) * row + b * bs;
+          uint16_t dh, mh;
+          std::memcpy(&dh, blk, 2);
+          const float d = half_to_float(dh);
+          int q[QK];
+          if (t == Q8_0) {
+            for (int i = 0; i < QK; ++i) q[i] = (int8_t)blk[2 + i];
+            mh = float_to_half(-128.f * d);
+            if (half_to_float(mh) != -128.f * d) inexact = true;
+            for (int u = 0; u < 8; ++u)
+              for (int i = 0; i < 4; ++i) o[u * 64 + l * 4 + i] = (uint8_t)(q[4 * u + i] + 128);
+          } else {
+            const uint8_t* qs = blk + (t == Q4_1 ? 4 : 2);
+            for (int i = 0; i < 16; ++i) { q[i] = qs[i] & 0x0F; q[i + 16] = qs[i] >> 4; }
+            if (t == Q4_1) {
+              std::memcpy(&mh, blk + 2, 2);
+            } else {
+              mh = float_to_half(-8.f * d);
+              if (half_to_float(mh) != -8.f * d) inexact = true;
+            }
+            for (int j = 0; j < 4; ++j)
+              for (int i = 0; i < 4; ++i) o[j * 64 + l * 4 + i] = (uint8_t)(q[8 * j + i] | (q[8 * j + 4 + i] << 4));
+          }
+          dm[l] = dh;
+          dm[PANEL + l] = mh;
+        }
+      }
+  });
+  TORCH_CHECK(!inexact, "a block scale is too large for the panel layout's fp16 offset");
+  return out;
+}
+
+#ifdef LLMOS_X86
+// R tokens (1..8) against one panel over nb blocks: res[r * 16 + l] = dot(w_l, x_r).
+template <bool Q8, int R>
+VNNI void panel_tile(const uint8_t* p, int64_t nb, const ActBlock* a, int64_t lda, float* res) {
+  constexpr int64_t WB = Q8 ? 512 : 256, PBB = WB + 4 * PANEL;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, p += PBB) {
+    for (int64_t off = 0; off < PBB; off += 64) _mm_prefetch((const char*)(p + PREFETCH + off), _MM_HINT_T0);
+    __m512i u[8];
+    if constexpr (Q8) {
+      for (int v = 0; v < 8; ++v) u[v] = _mm512_loadu_si512(p + 64 * v);
+    } else {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i z = _mm512_loadu_si512(p + 64 * j);
+        u[2 * j] = _mm512_and_si512(z, low);
+        u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + WB)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + WB + 2 * PANEL)));
+    for (int r = 0; r < R; ++r) {
+      const ActBlock& x = a[r * lda + b];
+      int32_t xq[8];
+      std::memcpy(xq, x.qs, QK);
+      __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], _mm512_set1_epi32(xq[0]));
+      __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], _mm512_set1_epi32(xq[1]));
+      for (int v = 2; v < 8; v += 2) {
+        i0 = _mm512_dpbusd_epi32(i0, u[v], _mm512_set1_epi32(xq[v]));
+        i1 = _mm512_dpbusd_epi32(i1, u[v + 1], _mm512_set1_epi32(xq[v + 1]));
+      }
+      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_set1_ps(x.d));
+      acc[r] = _mm512_fmadd_ps(f, d, acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(res + r * PANEL, acc[r]);
+}
+
+using PanelTile = void (*)(const uint8_t*, int64_t, const ActBlock*, int64_t, float*);
+constexpr int PANEL_TOKENS = 8;   // tokens a tile: 8 accumulators beside the 8 unpacked registers
+
+template <bool Q8, int... R>
+PanelTile panel_tile_for(int r, std::integer_sequence<int, R...>) {
+  static const PanelTile tiles[] = {panel_tile<Q8, R + 1>...};
+  return tiles[r - 1];
+}
+
+// Panels [p0, p1) of an n-row matrix against m tokens' quantized activations (nb blocks a token):
+// out[r, j] (row stride ldo) = (accumulate ? out : 0) + dot(w_j, x_r) + bias[j].
+void panel_rows(int64_t t, const uint8_t* w, int64_t p0, int64_t p1, int64_t n, int64_t k, const ActBlock* act,
+                int64_t m, float* out, int64_t ldo, const float* bias, bool accumulate) {
+  const int64_t nb = k / QK, pbb = panel_block_bytes(t);
+  alignas(64) float res[PANEL_TOKENS * PANEL];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t j0 = p * PANEL, rows = std::min<int64_t>(PANEL, n - j0);
+    for (int64_t r0 = 0; r0 < m; r0 += PANEL_TOKENS) {
+      const int R = (int)std::min<int64_t>(PANEL_TOKENS, m - r0);
+      const auto seq = std::make_integer_sequence<int, PANEL_TOKENS>{};
+      (t == Q8_0 ? panel_tile_for<true>(R, seq) : panel_tile_for<false>(R, seq))(w + p * nb * pbb, nb,
+                                                                                act + r0 * nb, nb, res);
+      for (int r = 0; r < R; ++r) {
+        float* o = out + (r0 + r) * ldo + j0;
+        for (int64_t l = 0; l < rows; ++l) {
+          const float v = res[r * PANEL + l] + (bias ? bias[j0 + l] : 0.f);
+          o[l] = accumulate ? o[l] + v : v;
+        }
+      }
+    }
+  }
+}
+#endif
+
+// x [M, K] @ the panels of a packed [N, K] matrix (int8 activations, AVX-512 VNNI).
+torch::Tensor matmul_panels(torch::Tensor x, torch::Tensor panels, int64_t t, int64_t n, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == torch::kFloat32,
+              "activations must be float32 [M, ", k, "]");
+  TORCH_CHECK(has_vnni512(), "panels need AVX-512 VNNI");
+  TORCH_CHECK(t == Q4_0 || t == Q4_1 || t == Q8_0, "panels hold Q4_0, Q4_1 or Q8_0 weights, not type ", t);
+  const int64_t nb = k / QK, np = (n + PANEL - 1) / PANEL;
+  TORCH_CHECK(k % QK == 0 && panels.scalar_type() == torch::kUInt8 && panels.is_contiguous() &&
+                  panels.numel() == np * nb * panel_block_bytes(t),
+              "panels must be the contiguous uint8 repacking of a [", n, ", ", k, "] matrix");
+  x = x.contiguous();
+  const int64_t m = x.size(0);
+  auto out = torch::empty({m, n}, x.options());
+#ifdef LLMOS_X86
+  const float* xp = x.data_ptr<float>();
+  std::vector<ActBlock> act(m * nb);
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) quantize_act(true, xp + r * k, nb, act.data() + r * nb);
+  });
+  const uint8_t* wp = panels.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+    panel_rows(t, wp, p0, p1, n, k, act.data(), m, op, n, nullptr, false);
+  });
+#endif
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points.
 
 // x [M, K] float32 times packed w [N rows of K]^T -> [M, N]. int8: activations quantized first.
@@ -1263,6 +1430,7 @@ struct Layer {
   torch::Tensor qkv, o, gate_up, down;    // packed rows
   int64_t t_qkv, t_o, t_gate_up, t_down;
   torch::Tensor in_norm, post_norm, qkv_bias;   // float32; qkv_bias may be undefined
+  torch::Tensor p_qkv, p_o, p_gate_up, p_down;  // their panels (int8 activations), or undefined
 };
 
 class DecodeStack {
@@ -1288,6 +1456,24 @@ class DecodeStack {
     v_.push_back(v_cache);
   }
 
+  // The layer's matrices repacked as panels (repack_panels): int8-activation steps use them.
+  void set_panels(int64_t li, torch::Tensor qkv, torch::Tensor o, torch::Tensor gate_up, torch::Tensor down) {
+    TORCH_CHECK(li >= 0 && li < (int64_t)layers_.size(), "no layer ", li);
+    TORCH_CHECK(has_vnni512(), "panels need AVX-512 VNNI");
+    Layer& l = layers_[li];
+    const int64_t q = (H_ + 2 * KVH_) * D_;
+    auto ok = [](const torch::Tensor& p, int64_t t, int64_t n, int64_t k) {
+      TORCH_CHECK((t == Q4_0 || t == Q4_1 || t == Q8_0) && p.scalar_type() == torch::kUInt8 && p.is_contiguous() &&
+                      p.numel() == (n + PANEL - 1) / PANEL * (k / QK) * panel_block_bytes(t),
+                  "panels do not match the layer's [", n, ", ", k, "] matrix of type ", t);
+    };
+    ok(qkv, l.t_qkv, q, hidden_);
+    ok(o, l.t_o, hidden_, H_ * D_);
+    ok(gate_up, l.t_gate_up, 2 * inter_, hidden_);
+    ok(down, l.t_down, hidden_, inter_);
+    l.p_qkv = qkv; l.p_o = o; l.p_gate_up = gate_up; l.p_down = down;
+  }
+
   // x [T, hidden] (embedded decode tokens, one per sequence) -> the hidden state after the
   // last layer, in place. positions, slots, context_lens [T]; block_tables [T, max_blocks].
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
@@ -1299,12 +1485,14 @@ class DecodeStack {
     Step s{x.data_ptr<float>(), positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
            slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
            x.size(0), block_tables.size(1), block_size, (float)scale, int8,
-           gemm_min > 0 && x.size(0) >= gemm_min && sgemm_ != nullptr, nullptr};
+           gemm_min > 0 && x.size(0) >= gemm_min && sgemm_ != nullptr, nullptr, nullptr};
     const int64_t T = s.T;
     int64_t max_ctx = 1;
     for (int64_t t = 0; t < T; ++t) max_ctx = std::max(max_ctx, s.ctx[t]);
     std::vector<float> qkv(T * (H_ + 2 * KVH_) * D_), attn(T * H_ * D_), gu(T * 2 * inter_), act(T * inter_);
     s.act = act.data();
+    std::vector<ActBlock> qa(int8 ? T * std::max({hidden_, inter_, H_ * D_}) / QK : 0);
+    s.qa = qa.data();
     const Isa use = pick(isa);
     const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
     SpinBarrier barrier;
@@ -1336,6 +1524,7 @@ class DecodeStack {
     bool int8;
     bool gemm;   // big step: dequantized tiles through the BLAS GEMM
     float* act;  // [T, inter], shared by the threads
+    ActBlock* qa;  // [T, blocks] quantized activations, shared by the threads (int8, big steps)
   };
   struct Scratch {    // one thread's own buffers
     std::vector<float> h, act, scores, tile;
@@ -1369,11 +1558,31 @@ class DecodeStack {
 
   template <int ISA>
   void matmul_share(const Step& s, Scratch& w, const float* in, int64_t k, const torch::Tensor& wt, int64_t t,
-                    int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt) const {
+                    int64_t n, float* out, int64_t ldo, const float* bias, bool accumulate, int tid, int nt,
+                    const torch::Tensor& panels, SpinBarrier& barrier) const {
     if (s.gemm) {
       gemm_share<ISA>(s, w, in, k, wt, t, n, out, ldo, bias, accumulate, tid, nt);
       return;
     }
+#ifdef LLMOS_X86
+    if (ISA == 2 && s.int8 && panels.defined()) {
+      // Each thread quantizes every token for itself in small steps; big steps share that
+      // out behind a barrier (64 tokens x 48 blocks would otherwise be done twice).
+      const int64_t nb = k / QK;
+      const ActBlock* qa = w.qa.data();
+      if (s.T >= SILU_SHARE_TOKENS) {
+        const auto [r0, r1] = share(s.T, tid, nt);
+        for (int64_t r = r0; r < r1; ++r) quantize_act(true, in + r * k, nb, s.qa + r * nb);
+        barrier.wait();
+        qa = s.qa;
+      } else {
+        for (int64_t r = 0; r < s.T; ++r) quantize_act(true, in + r * k, nb, w.qa.data() + r * nb);
+      }
+      const auto [p0, p1] = share((n + PANEL - 1) / PANEL, tid, nt);
+      panel_rows(t, panels.data_ptr<uint8_t>(), p0, p1, n, k, qa, s.T, out, ldo, bias, accumulate);
+      return;
+    }
+#endif
     if (s.int8 && !is_k(t))
       for (int64_t r = 0; r < s.T; ++r) quantize_act(ISA > 0, in + r * k, k / QK, w.qa.data() + r * (k / QK));
     const auto [j0, j1] = share(n, tid, nt);
@@ -1471,7 +1680,8 @@ class DecodeStack {
       const Layer& l = layers_[li];
       rmsnorm(s.x, l.in_norm.data_ptr<float>(), w.h.data(), T);
       matmul_share<ISA>(s, w, w.h.data(), hidden_, l.qkv, l.t_qkv, qn, qkv, qn,
-                        l.qkv_bias.defined() ? l.qkv_bias.data_ptr<float>() : nullptr, false, tid, nt);
+                        l.qkv_bias.defined() ? l.qkv_bias.data_ptr<float>() : nullptr, false, tid, nt, l.p_qkv,
+                        barrier);
       barrier.wait();
       const auto [r0, r1] = share(T * KVH_, tid, nt);
       for (int64_t task = r0; task < r1; ++task) rope_store(s, qkv, li, task / KVH_, task % KVH_);
@@ -1490,11 +1700,11 @@ class DecodeStack {
         }
       }
       barrier.wait();
-      matmul_share<ISA>(s, w, attn, hd, l.o, l.t_o, hidden_, s.x, hidden_, nullptr, true, tid, nt);
+      matmul_share<ISA>(s, w, attn, hd, l.o, l.t_o, hidden_, s.x, hidden_, nullptr, true, tid, nt, l.p_o, barrier);
       barrier.wait();
       rmsnorm(s.x, l.post_norm.data_ptr<float>(), w.h.data(), T);
       matmul_share<ISA>(s, w, w.h.data(), hidden_, l.gate_up, l.t_gate_up, 2 * inter_, gu, 2 * inter_, nullptr,
-                        false, tid, nt);
+                        false, tid, nt, l.p_gate_up, barrier);
       barrier.wait();
       // SiLU(gate) * up: shared out over the threads for steps big enough to pay a barrier,
       // computed by each thread for itself below that.
@@ -1507,7 +1717,8 @@ class DecodeStack {
       } else {
         silu_rows<ISA>(gu, act, 0, T);
       }
-      matmul_share<ISA>(s, w, act, inter_, l.down, l.t_down, hidden_, s.x, hidden_, nullptr, true, tid, nt);
+      matmul_share<ISA>(s, w, act, inter_, l.down, l.t_down, hidden_, s.x, hidden_, nullptr, true, tid, nt, l.p_down,
+                        barrier);
       barrier.wait();
     }
   }
@@ -1560,8 +1771,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &DecodeStack::add_layer)
+      .def("set_panels", &DecodeStack::set_panels)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
   m.def("gemm", &gemm, "x [M, K] @ packed w [N, K]^T through dequantized tiles and the BLAS GEMM");
+  m.def("repack_panels", &repack_panels, "packed Q4_0/Q4_1/Q8_0 rows -> 16-row VNNI panels (int8 activations)");
+  m.def("matmul_panels", &matmul_panels, "x [M, K] @ a panel-packed w [N, K]^T, int8 activations");
   m.def("has_blas", [] { return sgemm_ != nullptr; });
   m.def("cpu_features", &cpu_features);
 }
