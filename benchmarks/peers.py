@@ -31,7 +31,8 @@ def llmos_worker(system: str, task: str, w: dict) -> dict:
     greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)   # noqa: E731
     llm.generate([w["warmup"]], greedy(8))
     plan = llm.engine.runner.plan.info()
-    res = {"weight_bytes": plan["weight_bytes"], "packed_max_tokens": plan["packed_max_tokens"]}
+    # The bytes a decode step reads: the VNNI panels where int8 steps multiply those instead.
+    res = {"weight_bytes": plan.get("panel_bytes") or plan["weight_bytes"], "packed_max_tokens": plan["packed_max_tokens"]}
     if task == "single":
         out = llm.generate([w["single"]], greedy(w["single_tokens"]))[0]
         res["decode_s"] = out.metrics.finished_time - out.metrics.first_token_time

@@ -141,7 +141,7 @@ def profile_llmos(args, chats, lengths) -> str:
 
 SYSTEMS = {"single": ["llmos", "llmos-int8", "llmos-float32", "llama.cpp", "llama.cpp-2t"],
            "batch": ["llmos", "llmos-int8", "llmos-float32", "llama.cpp", "transformers"],
-           "prefill": ["llmos", "llmos-float32", "llama.cpp"]}
+           "prefill": ["llmos", "llmos-int8", "llmos-float32", "llama.cpp"]}
 
 
 def workload_file(args, chats, lengths, tmp: Path) -> Path:
@@ -216,7 +216,8 @@ def report(args, runs: dict, peak: MachinePeak, others: float) -> str:
                                         "greedy tokens equal to llmos-float32's", "peak RSS GiB"], rows)
                       + "\n\nllama.cpp: llama-cpp-python's default threads (1 for one-token steps on 2 cores) "
                         "and 2 threads (-2t). MBU: weight bytes read per token (llmos: the matrices as held, "
-                        "packed or float32) times tok/s over the read bandwidth probed in this run.")
+                        "packed or float32; llmos-int8: their VNNI panels) times tok/s over the read bandwidth "
+                        "probed in this run.")
     if "batch" in args.tasks:
         out_tok = sum(args.lengths)
         tps = {s: median([out_tok / r["seconds"] for r in runs[("batch", s)]]) for s in SYSTEMS["batch"]}
