@@ -78,7 +78,8 @@ def profile_llmos(args, chats, lengths) -> str:
     from llmos.config import EngineConfig
     from llmos.engine.llm_engine import LLMEngine
     engine = LLMEngine(EngineConfig(model=MODEL, kv_cache_memory=args.kv_cache_memory,
-                                    max_num_seqs=args.max_num_seqs, num_threads=args.threads))
+                                    max_num_seqs=args.max_num_seqs, num_threads=args.threads,
+                                    packed_activations=args.activations))
 
     def drive(convs, params):
         seqs = [engine.add_request(c, p) for c, p in zip(convs, params)]
@@ -108,11 +109,12 @@ def profile_llmos(args, chats, lengths) -> str:
 
     linear, kv_write = own("torch._C._nn.linear") + own("llmos_packed.gemm"), own("'index_copy_'")
     forward, attention, decode_attn = cum("forward"), cum("_attention"), cum("paged_decode_attention")
-    stack, packed_mm, dequant = own("llmos_packed.forward"), own("llmos_packed.matmul"), own("llmos_packed.dequantize")
+    stack, dequant = own("llmos_packed.forward"), own("llmos_packed.dequantize")
+    packed_mm = own("llmos_packed.matmul")      # and llmos_packed.matmul_panels (int8 on VNNI)
     forward -= stack
     parts = [
         ("decode stack (packed; every layer of a decode step in one C++ call)", stack),
-        ("packed matmuls outside the stack (lm_head, prefill layers)", packed_mm),
+        ("packed matmuls outside the stack (lm_head, prefill layers; VNNI panels under int8)", packed_mm),
         ("dequantizing 8 MiB tiles for float32 GEMMs (long prompts)", dequant),
         ("GEMMs (F.linear; L2-tile GEMMs of packed weights; incl. lm_head)", linear),
         ("decode attention (paged kernel)", decode_attn),
@@ -254,6 +256,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (--profile)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 requests, 64-token single stream, 1 round")
     ap.add_argument("--profile", action="store_true", help="only profile llmos' batch mode")
+    ap.add_argument("--activations", default="float32", choices=("float32", "int8"),
+                    help="--profile: the packed_activations setting profiled")
     ap.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     args = ap.parse_args()
     if args.quick:
@@ -267,6 +271,8 @@ def main() -> None:
     if args.write:
         exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"
         name = "throughput" + "".join(f" {flag}" for flag in ("--quick", "--profile") if getattr(args, flag[2:]))
+        if args.profile and args.activations != "float32":
+            name += f" --activations {args.activations}"
         write_section(name, " ".join([exe] + sys.argv), text)
 
 

@@ -294,6 +294,25 @@ def test_the_plan_puts_big_decode_steps_on_the_gemm():
     assert plan.stack(32) and not plan.stack(33) and plan.steps["stack"] == 1
 
 
+def test_the_plan_keeps_every_step_on_the_panels_where_they_win_throughout():
+    """int8 activations on VNNI panels: the kernels beat the GEMM at every size measured, so
+    every decode step runs on them in the stack and every other step (prompts, the LM head) on
+    them op by op, past the largest size measured too; without panels the old limits hold."""
+    ms = lambda k, g, f: {"kernels": k / 1e3, "gemm": g / 1e3, "float32": f / 1e3}   # noqa: E731
+    timings = {1: ms(6, 20, 24), 2: ms(7, 23, 30), 4: ms(7, 28, 35), 8: ms(10, 38, 48), 16: ms(19, 52, 80),
+               32: ms(36, 75, 89), 64: ms(66, 123, 132)}
+    sizes = (1, 2, 4, 8, 16, 32, 64)
+    for panels, limit in ((True, 1 << 30), (False, 64)):
+        plan = packed.ComputePlan("auto", int8=True, panels=panels)
+        plan.timings = timings
+        plan.decide(sizes)
+        assert (plan.gemm_min_tokens, plan.stack_max_tokens, plan.packed_max_tokens) == (0, limit, limit)
+    plan.timings = {**timings, 64: ms(140, 123, 132)}     # the kernels lost at the largest size
+    plan.panels = True
+    plan.decide(sizes)
+    assert plan.packed_max_tokens == 32 and plan.stack_max_tokens == 1 << 30 and plan.gemm_min_tokens == 64
+
+
 def test_compute_packed_needs_quantized_weights(tmp_path, default_model_path):
     from test_model_tiny import _tiny
     _tiny("llama", tmp_path)

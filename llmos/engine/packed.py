@@ -191,6 +191,8 @@ class ComputePlan:
             self.packed_max_tokens, self.stack_max_tokens, self.gemm_min_tokens = (
                 got["packed_max_tokens"], got["stack_max_tokens"], got["gemm_min_tokens"])
             self.timings = {int(m): t for m, t in got.get("timings", {}).items()}
+            if self.timings:      # decided again: how timings become a plan may have changed since
+                self.decide(sizes)
             return
         t0, busy0 = time.perf_counter(), _others_cpu()
         gemm_ok = kernels().has_blas()
