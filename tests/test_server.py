@@ -510,7 +510,8 @@ def test_metrics(server):
         http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
         text = http.get("/metrics").text
     for name in ("llmos_requests{", "llmos_tokens_total{", "llmos_kv_blocks{", "llmos_preemptions_total",
-                 "llmos_time_to_first_token_seconds_bucket{", "llmos_prefix_cache_hit_rate", "llmos_tenant_weight"):
+                 "llmos_time_to_first_token_seconds_bucket{", "llmos_prefix_cache_hit_rate", "llmos_tenant_weight",
+                 "llmos_weight_bytes ", "llmos_panel_bytes "):
         assert name in text, name
 
 

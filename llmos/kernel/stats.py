@@ -232,7 +232,8 @@ def merge_stats(parts: list[KernelStats]) -> KernelStats:
                                                if pid in p.process_tokens) for f in ("prompt", "generated")))
                         for pid in {pid for p in parts for pid in p.process_tokens}},
         compute={**first.compute, "steps": add([p.compute.get("steps", {}) for p in parts]),
-                 "weight_bytes": sum(p.compute.get("weight_bytes", 0) for p in parts)} if first.compute else {})
+                 "weight_bytes": sum(p.compute.get("weight_bytes", 0) for p in parts),
+                 "panel_bytes": sum(p.compute.get("panel_bytes", 0) for p in parts)} if first.compute else {})
 
 
 def merge_maps(maps: list[MemoryMap]) -> MemoryMap:

@@ -59,6 +59,8 @@ class KernelCollector:
             yield c
             yield GaugeMetricFamily("llmos_weight_bytes", "Bytes the model's weight matrices take in memory",
                                     value=s.compute.get("weight_bytes", 0))
+            yield GaugeMetricFamily("llmos_panel_bytes", "Bytes of the VNNI panels kept beside the weight "
+                                    "matrices for int8 activations (0: none)", value=s.compute.get("panel_bytes", 0))
         c = CounterMetricFamily("llmos_preemptions", "Running requests preempted, by mode", labels=["mode"])
         for mode, n in s.preemptions.items():
             c.add_metric([mode], n)
