@@ -95,7 +95,6 @@ class ModelRunner:
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
-        R = self.cfg.num_heads // self.cfg.num_kv_heads
         for item in batch:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -113,11 +112,8 @@ class ModelRunner:
             else:
                 ctx = torch.tensor(self._slots(seq, 0, start) + new_slots, dtype=torch.long)
                 mask = None
-                if start > 0:
-                    q_pos = torch.arange(start, end).unsqueeze(1)
-                    k_pos = torch.arange(end).unsqueeze(0)
-                    mask = torch.zeros(n, end, dtype=self.dtype).masked_fill_(k_pos > q_pos, float("-inf"))
-                    mask = mask.repeat(R, 1).to(self.device)
+                if start > 0:   # True where a query may attend: its own position and every one before
+                    mask = (torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)).to(self.device)
                 prefills.append((flat_start, flat_start + n, ctx.to(self.device), mask))
             if item.samples:
                 sample_idx.append(len(input_ids) - 1)
