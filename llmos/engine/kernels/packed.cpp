@@ -760,7 +760,8 @@ void quantize_act(bool avx, const float* x, int64_t nb, ActBlock* out) {
 // then 16 fp16 scales d and 16 fp16 offsets m (Q4_1's m, Q4_0's -8d, Q8_0's -128d: powers of
 // two times d, exact in fp16), so that dot(w_l, x) = sum over blocks of
 // d_l d_x dot_u(q_l, q_x) + m_l s_x (ActBlock: x ~= d_x q_x, s_x = d_x sum(q_x)). Rows past n
-// are zero. The same bytes as Q4_1 (Q4_0: one bit a weight more); kept beside the GGUF rows.
+// are zero. As many bytes as Q4_1 (Q4_0: half a bit a weight more, Q8_0: 9 bits against 8.5);
+// kept beside the GGUF rows, which the exact variant, the GEMM paths and the embedding read.
 constexpr int PANEL = 16;
 
 int64_t panel_weight_bytes(int64_t t) { return t == Q8_0 ? 512 : 256; }
