@@ -126,12 +126,10 @@ def decode_stack(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: i
     region, a spinning barrier between steps): where a small step's time goes is launching
     ops, not arithmetic."""
     stack = kernels().DecodeStack(hidden, inter, heads, kv_heads, head_dim, eps)
-    for layer, (k, v) in zip(layers, kv_caches):
-        stack.add_layer(*(a for key in ("qkv", "o", "gate_up", "down")
-                          for a in (layer[key].data, GGML_TYPES[layer[key].qtype])),
-                        layer["in_norm"], layer["post_norm"], layer["qkv_b"], k, v)
-    for i, layer in enumerate(layers):
+    for i, (layer, (k, v)) in enumerate(zip(layers, kv_caches)):
         mats = [layer[key] for key in ("qkv", "o", "gate_up", "down")]
+        stack.add_layer(*(a for m in mats for a in (m.data, GGML_TYPES[m.qtype])),
+                        layer["in_norm"], layer["post_norm"], layer["qkv_b"], k, v)
         if all(m.panels is not None for m in mats):
             stack.set_panels(i, *(m.panels for m in mats))
     return stack

@@ -749,6 +749,16 @@ void quantize_act(bool avx, const float* x, int64_t nb, ActBlock* out) {
   quantize_act_portable(x, nb, out);
 }
 
+// m activation rows quantized to 8 bits a block, the rows shared over torch's threads.
+std::vector<ActBlock> quantize_rows(const float* x, int64_t m, int64_t k, bool avx) {
+  const int64_t nb = k / QK;
+  std::vector<ActBlock> act(m * nb);
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) quantize_act(avx, x + r * k, nb, act.data() + r * nb);
+  });
+  return act;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Panels: the int8-activation layout for AVX-512 VNNI. Sixteen weight rows are interleaved so
 // that one vpdpbusd advances sixteen rows by four weights each against four activation bytes
@@ -902,11 +912,7 @@ torch::Tensor matmul_panels(torch::Tensor x, torch::Tensor panels, int64_t t, in
   const int64_t m = x.size(0);
   auto out = torch::empty({m, n}, x.options());
 #ifdef LLMOS_X86
-  const float* xp = x.data_ptr<float>();
-  std::vector<ActBlock> act(m * nb);
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) quantize_act(true, xp + r * k, nb, act.data() + r * nb);
-  });
+  const std::vector<ActBlock> act = quantize_rows(x.data_ptr<float>(), m, k, true);
   const uint8_t* wp = panels.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
@@ -928,18 +934,12 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t t, int64_t n, int
   const Isa use = pick(isa);
   const bool avx = use != Isa::portable;
   int8 = int8 && !is_k(t);
-  const int64_t m = x.size(0), nb = k / QK, row = row_bytes(t, k);
+  const int64_t m = x.size(0), row = row_bytes(t, k);
   auto out = torch::empty({m, n}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  std::vector<ActBlock> act;
-  if (int8) {
-    act.resize(m * nb);
-    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) quantize_act(avx, xp + r * k, nb, act.data() + r * nb);
-    });
-  }
+  const std::vector<ActBlock> act = int8 ? quantize_rows(xp, m, k, avx) : std::vector<ActBlock>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
     if (use == Isa::avx512vnni) rows_dot<2>(t, wp, n0, n1, k, xp, act.data(), m, int8, op, n, nullptr, false);
@@ -1565,29 +1565,29 @@ class DecodeStack {
       gemm_share<ISA>(s, w, in, k, wt, t, n, out, ldo, bias, accumulate, tid, nt);
       return;
     }
-#ifdef LLMOS_X86
-    if (ISA == 2 && s.int8 && panels.defined()) {
+    const ActBlock* qa = w.qa.data();
+    if (s.int8 && !is_k(t)) {
       // Each thread quantizes every token for itself in small steps; big steps share that
       // out behind a barrier (64 tokens x 48 blocks would otherwise be done twice).
       const int64_t nb = k / QK;
-      const ActBlock* qa = w.qa.data();
       if (s.T >= SILU_SHARE_TOKENS) {
         const auto [r0, r1] = share(s.T, tid, nt);
-        for (int64_t r = r0; r < r1; ++r) quantize_act(true, in + r * k, nb, s.qa + r * nb);
+        for (int64_t r = r0; r < r1; ++r) quantize_act(ISA > 0, in + r * k, nb, s.qa + r * nb);
         barrier.wait();
         qa = s.qa;
       } else {
-        for (int64_t r = 0; r < s.T; ++r) quantize_act(true, in + r * k, nb, w.qa.data() + r * nb);
+        for (int64_t r = 0; r < s.T; ++r) quantize_act(ISA > 0, in + r * k, nb, w.qa.data() + r * nb);
       }
+    }
+#ifdef LLMOS_X86
+    if (ISA == 2 && s.int8 && panels.defined()) {
       const auto [p0, p1] = share((n + PANEL - 1) / PANEL, tid, nt);
       panel_rows(t, panels.data_ptr<uint8_t>(), p0, p1, n, k, qa, s.T, out, ldo, bias, accumulate);
       return;
     }
 #endif
-    if (s.int8 && !is_k(t))
-      for (int64_t r = 0; r < s.T; ++r) quantize_act(ISA > 0, in + r * k, k / QK, w.qa.data() + r * (k / QK));
     const auto [j0, j1] = share(n, tid, nt);
-    rows_dot<ISA>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, w.qa.data(), s.T, s.int8, out, ldo, bias, accumulate);
+    rows_dot<ISA>(t, wt.data_ptr<uint8_t>(), j0, j1, k, in, qa, s.T, s.int8, out, ldo, bias, accumulate);
   }
 
   template <int ISA>
