@@ -14,7 +14,7 @@ from llmos.config import llmos_home, parse_size
 from llmos.errors import LLMOSError
 
 FINAL = ("exited", "killed", "failed")
-LIMITS = ("max_tokens", "kv_quota", "max_wall", "max_memory", "max_cpu", "max_children")
+LIMITS = ("max_tokens", "kv_quota", "max_wall", "max_memory", "max_cpu", "max_children", "max_pids")
 
 
 class Server:
@@ -142,8 +142,8 @@ def cmd_audit(args) -> int:
     s = Server(args.url)
     if args.what == "verify":
         r = s.request("GET", "/v1/audit/verify").json()
-        print(f"audit log intact: {r['checked']} records" if r["ok"] else
-              f"audit log TAMPERED: first bad record {r['first_bad']}: {r['problem']}")
+        where = "" if r["first_bad"] is None else f"first bad record {r['first_bad']}: "
+        print(f"audit log intact: {r['checked']} records" if r["ok"] else f"audit log TAMPERED: {where}{r['problem']}")
         return 0 if r["ok"] else 1
     params = {"limit": args.limit, **({"pid": args.pid} if args.pid is not None else {}),
               **({"denied": "true"} if args.denied else {})}

@@ -198,22 +198,21 @@ def test_recv_and_wait_call_again_until_an_answer_or_their_own_timeout(kernel):
     assert len(asked) < 20   # waits in the kernel, not a busy loop
 
 
-def test_spawn_resolves_a_relative_path_against_the_callers_own_file(kernel, tmp_path, monkeypatch):
+def test_spawn_sends_a_relative_path_for_the_kernel_to_resolve_beside_the_callers_program(kernel, tmp_path,
+                                                                                         monkeypatch):
     srv = kernel({"proc.spawn": {"pid": 12}}, agent_file=str(tmp_path / "team" / "boss.py"))
     assert agent.spawn("worker.py", name="w1", caps=("llm", "msg"), args=[1, "two"], priority=2,
                        max_tokens=500, max_wall=9.5) == 12
     agent.spawn("/abs/elsewhere.py")
     agent.spawn("helpers.agents:main", restart="on-failure", durable=True)
-    monkeypatch.setenv("LLMOS_AGENT_FILE", "")   # a module:function agent: its working directory
-    monkeypatch.chdir(tmp_path)
     agent.spawn("sub/w.py", weight=3)
     sent = [c["args"] for c in srv.calls()]
-    assert sent[0] == {"path": str(tmp_path / "team" / "worker.py"), "name": "w1", "caps": ["llm", "msg"],
+    assert sent[0] == {"path": "worker.py", "name": "w1", "caps": ["llm", "msg"],
                        "args": ["1", "two"], "restart": "never", "durable": False,
                        "limits": {"max_tokens": 500, "max_wall": 9.5}, "priority": 2}
     assert sent[1]["path"] == "/abs/elsewhere.py" and sent[1]["caps"] is None
     assert (sent[2]["path"], sent[2]["restart"], sent[2]["durable"]) == ("helpers.agents:main", "on-failure", True)
-    assert sent[3]["path"] == str(tmp_path / "sub" / "w.py") and sent[3]["weight"] == 3
+    assert sent[3]["path"] == "sub/w.py" and sent[3]["weight"] == 3
 
 
 def test_spawn_rejects_a_misspelt_limit_before_calling(kernel):

@@ -65,6 +65,7 @@ def srv(tmp_path_factory, default_model_path):
 
 
 def program(tmp: Path, name: str, body: str) -> Path:
+    tmp.chmod(0o755)           # a jailed agent runs as its tenant's uid: its directory must be readable
     path = tmp / name
     path.write_text("import json, os, sys, time\nfrom llmos import agent\n" + textwrap.dedent(body))
     return path

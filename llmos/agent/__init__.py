@@ -142,24 +142,23 @@ def unsubscribe(topic: str) -> None:
 
 
 # -- processes ------------------------------------------------------------------------------
-_LIMITS = ("max_tokens", "kv_quota", "max_wall", "max_memory", "max_cpu", "max_children")
+_LIMITS = ("max_tokens", "kv_quota", "max_wall", "max_memory", "max_cpu", "max_children", "max_pids")
 
 
 def spawn(path: str, name: str | None = None, caps: list[str] | None = None, args=(), priority: int | None = None,
           weight: float | None = None, restart: str = "never", durable: bool = False, **limits) -> int:
-    """Start a child process; returns its pid. A relative path is resolved against the
-    directory of this program's own file (so an agent finds its siblings wherever it was
-    started from); "module:function" is passed as it is. The child's capabilities and
-    limits (max_tokens, kv_quota, max_wall, max_memory, max_cpu, max_children) may only
-    narrow this process's; caps=None means all of this process's."""
-    from llmos.agent.run import resolve_program   # not at import: run.py is __main__ in an agent process
+    """Start a child process; returns its pid. A relative path names a program beside this
+    one's own file (in the tenant's storage, for a program run from there), wherever this
+    process was started from; an absolute host path or "module:function" is for programs an
+    admin started. The child's capabilities and limits (max_tokens, kv_quota, max_wall,
+    max_memory, max_cpu, max_children, max_pids) may only narrow this process's; caps=None
+    means all of this process's, and its confinement is this process's or narrower."""
     unknown = sorted(set(limits) - set(_LIMITS))
     if unknown:
         raise TypeError(f"spawn() got an unexpected keyword argument {unknown[0]!r} (limits: {', '.join(_LIMITS)})")
     if isinstance(args, (str, bytes)):
         raise TypeError("spawn(): args must be a list of arguments, not one string")
-    here = os.environ.get("LLMOS_AGENT_FILE")
-    body = {"path": resolve_program(path, os.path.dirname(here) if here else os.getcwd()), "name": name,
+    body = {"path": os.path.expanduser(path) if path.startswith("~") else path, "name": name,
             "caps": None if caps is None else list(caps), "args": [str(a) for a in args], "restart": restart,
             "durable": durable, "limits": limits}
     if priority is not None:

@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
-from llmos.errors import InvalidRequestError
+from llmos.errors import InvalidRequestError, LLMOSError
+from llmos.kernel import jail
 from llmos.kernel.audit import AuditLog
 from llmos.kernel.capabilities import ALL, Capabilities, PermissionDenied, parse
 from llmos.kernel.intrusion import IntrusionDetector
@@ -56,18 +57,32 @@ class LLMService(Protocol):
     def renice(self, pid: int, priority: int, weight: float) -> None: ...
 
 
-def _launcher(proc: Process) -> list[str]:
-    return [sys.executable, "-m", "llmos.agent.run", *proc.argv]
+# What a confined agent starts with: the llmos package and the site-packages bound in, the
+# working directory first on sys.path (as `python -m` puts it), then the launcher.
+_BOOT = ("import os, site, sys; sys.path[:0] = [os.getcwd(), %r]; site.addsitedir(%r); "
+         "from llmos.agent.run import main; sys.exit(main(sys.argv[1:]))") % (jail.LIB, jail.SITE)
+
+
+class HostProgramNotAllowed(LLMOSError):
+    """A tenant key asked to run something outside its tenant's storage: a host path, a
+    module:function or a working directory of its own choosing."""
 
 
 class AgentKernel:
+    """`confinement` is an AgentSettings-like object (confinement, uid_base, uid_count,
+    scratch_mb, max_pids, open_files); None runs agents unconfined, as `confinement = "none"`."""
+
     def __init__(self, home: Path, url: str, llm: LLMService, *, socket: Path | None = None, kill_grace: float = 5.0,
                  visibility_timeout: float = 30.0, dead_letter_ttl: float = 3600.0,
                  denial_threshold: int = 20, max_restarts: int = 5,
                  restart_backoff: tuple[float, float] = (0.1, 5.0), library: FunctionLibrary | None = None,
-                 memory=None, conversations=None, hidden_paths: list[str] = ()) -> None:
+                 memory=None, conversations=None, hidden_paths: list[str] = (), confinement=None) -> None:
         home = Path(home)
         home.mkdir(parents=True, exist_ok=True)
+        home.chmod(0o700)       # the kernel's: its databases, every tenant's files, the gate's socket
+        self.home = home
+        self.socket = None if socket is None else str(socket)
+        self.confinement = confinement if confinement is not None and confinement.confinement != "none" else None
         self.llm = llm
         self.library = library
         self.memory = memory                 # a SemanticMemory, or None: mem.* calls then fail clearly
@@ -81,9 +96,11 @@ class AgentKernel:
         self.journal = Journal(home / "journal.db")
         self.audit = AuditLog(home / "audit.db", home / "audit.key")
         self.intrusion = IntrusionDetector(denial_threshold=denial_threshold)
-        self.supervisor = Supervisor(self.table, home, launcher=_launcher,
+        self.url = url
+        self.supervisor = Supervisor(self.table, home, launcher=self._command,
                                      env={"LLMOS_URL": url, **({"LLMOS_SOCKET": str(socket)} if socket else {})},
                                      on_exit=self._on_exit, on_suspend=llm.suspend, on_resume=llm.resume,
+                                     on_violation=self._violation,
                                      kill_grace=kill_grace, max_restarts=max_restarts,
                                      restart_backoff=restart_backoff)
         self.syscalls = SyscallTable(self._handlers(), self.audit, self.journal, self.intrusion,
@@ -119,6 +136,7 @@ class AgentKernel:
         self.supervisor.shutdown()
         self.flush_usage()
         self.ipc.shutdown()
+        self.audit.close()
 
     def _sweep(self) -> None:
         ticks = 0
@@ -162,13 +180,65 @@ class AgentKernel:
     def _count_call(self, proc: Process) -> None:
         self._charge(proc, syscalls=1)
 
+    # -- confinement ------------------------------------------------------------------------
+    def _command(self, proc: Process) -> list[str] | jail.Plan:
+        """What the supervisor runs for `proc`: the launcher in a jail (see jail.py), or,
+        with confinement off, the launcher itself."""
+        if self.confinement is None:
+            return [sys.executable, "-m", "llmos.agent.run", *proc.argv]
+        c = self.confinement
+        program, args = proc.argv[0], proc.argv[1:]
+        binds = jail.runtime_binds(with_llmos=True)
+        if _is_entry_point(program):
+            target = program
+        else:
+            binds.append((os.path.dirname(program), jail.PROGRAM))
+            target = f"{jail.PROGRAM}/{os.path.basename(program)}"
+        if not _is_entry_point(program) and proc.cwd == os.path.dirname(program):
+            cwd = jail.PROGRAM
+        else:
+            cwd = f"{jail.RUN_DIR}/cwd"
+            binds.append((proc.cwd, cwd))
+        env = {**jail.runtime_env(), "LLMOS_URL": self.url}
+        if self.socket is not None:
+            binds.append((self.socket, jail.SOCKET))
+            env["LLMOS_SOCKET"] = jail.SOCKET
+        rlimits = {"CORE": 0, "NOFILE": c.open_files, "FSIZE": c.scratch_mb << 20}
+        if proc.limits.max_memory is not None:
+            rlimits["AS"] = proc.limits.max_memory
+        if proc.limits.max_cpu is not None:
+            rlimits["CPU"] = proc.limits.max_cpu
+        uid = gid = None
+        if os.geteuid() == 0:
+            uid = gid = c.uid_base + (self.table.tenant_number(proc.tenant) - 1) % c.uid_count
+            rlimits["NPROC"] = proc.limits.max_pids or c.max_pids      # counts the tenant's uid
+        hidden = sorted({*self.hidden_paths, str(self.home)})
+        return jail.Plan(argv=[jail.python_in_jail(), "-I", "-S", "-c", _BOOT, target, *args], cwd=cwd, env=env,
+                         binds=binds, hidden=hidden, network="net" in proc.caps, uid=uid, gid=gid, rlimits=rlimits,
+                         scratch_bytes=c.scratch_mb << 20)
+
+    def _violation(self, pid: int, syscall: str) -> None:
+        """A call the jail's filter refused: audited as a denied system call, and counted by
+        intrusion detection like any other denial."""
+        proc = self.table.get(pid)
+        if proc is None:
+            return
+        rid = self.audit.begin(pid, proc.tenant, f"os.{syscall}", {}, False, "refused by the jail (seccomp)")
+        self.audit.finish(rid, "EPERM", 0.0)
+        self.syscalls._count(f"os.{syscall}", "denied")
+        if self.intrusion.denied(pid):
+            self._intrusion(proc)
+
     def spawn(self, *, tenant: str, path: str, args=(), cwd: str | None = None, name: str | None = None,
               caps=None, limits: dict | None = None, priority: int = 0, weight: float = 1.0,
               restart: str = "never", durable: bool = False, key_id: str | None = None,
-              parent: Process | None = None) -> Process:
+              parent: Process | None = None, admin: bool = False) -> Process:
         """Start an agent. A child's capabilities and limits must be a subset of its parent's;
-        None means the parent's (all, for a process a user starts)."""
-        program, cwd = _program(path, cwd)
+        None means the parent's (all, for a process a user starts). A relative `path` names
+        a program in the tenant's storage (for a child: beside its parent's program); a host
+        path, a module:function or a `cwd` need `admin` (an admin key, or a parent an admin
+        started from the host)."""
+        program, cwd = self._program(tenant, path, cwd, parent, admin)
         if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
             raise InvalidRequestError(f"args: must be a list of strings, got {args!r}")
         have = Capabilities(parent.caps if parent else ALL)
@@ -187,6 +257,34 @@ class AgentKernel:
         self.ipc.open(tenant, proc.name)
         return proc
 
+    def _from_storage(self, tenant: str, program: str) -> bool:
+        return not _is_entry_point(program) and _inside(program, self.storage.base(tenant))
+
+    def _program(self, tenant: str, path, cwd, parent: Process | None, admin: bool) -> tuple[str, str]:
+        """The program to run (a host file path, or module:function) and its directory,
+        from what the caller may name."""
+        if not isinstance(path, str) or not path:
+            raise InvalidRequestError(f"path: must be a file path or module:function, got {path!r}")
+        host = admin or (parent is not None and not self._from_storage(tenant, parent.argv[0]))
+        if parent is not None and not os.path.isabs(path) and not _looks_like_entry_point(path):
+            if host:
+                here = parent.cwd if _is_entry_point(parent.argv[0]) else os.path.dirname(parent.argv[0])
+                path = os.path.join(here, path)
+            elif not host:
+                here = os.path.relpath(os.path.dirname(parent.argv[0]), self.storage.base(tenant))
+                path = os.path.normpath(os.path.join(here, path))
+        if not host:
+            if cwd is not None:
+                raise HostProgramNotAllowed("cwd: only an admin key may choose an agent's working directory; "
+                                            "a tenant's agent runs in its program's directory")
+            if os.path.isabs(path) or _looks_like_entry_point(path):
+                raise HostProgramNotAllowed(
+                    f"path: {path!r} is a host path or module:function, which only an admin key may run; a tenant "
+                    f"key runs programs from its own storage: store it with PUT /v1/fs/<file> (`llmos run ./file.py` "
+                    f"does that), then spawn it by its relative path")
+            real = self.storage.resolve(tenant, path)
+            return real, os.path.dirname(real)
+        return _program(path, cwd)
     def process(self, pid: int, tenant: str | None = None) -> Process:
         proc = self.table.get(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None
         if proc is None or (tenant is not None and proc.tenant != tenant):
@@ -517,6 +615,21 @@ def _program(path, cwd: str | None) -> tuple[str, str]:
     if not os.path.isfile(path):
         raise InvalidRequestError(f"path: no such file {path!r}")
     return path, cwd or os.path.dirname(path)
+
+
+def _is_entry_point(program: str) -> bool:
+    """Whether the program as the table holds it is module:function (a file path is absolute)."""
+    return not os.path.isabs(program)
+
+
+def _looks_like_entry_point(path: str) -> bool:
+    module, sep, func = path.partition(":")
+    return bool(sep) and bool(func) and all(p.isidentifier() for p in module.split(".") + [func])
+
+
+def _inside(path: str, base: str) -> bool:
+    real = os.path.realpath(path)
+    return real == base or real.startswith(base + os.sep)
 
 
 def _choice(choice, tools) -> object:

@@ -144,6 +144,7 @@ class Limits:
     max_memory: int | None = None      # bytes of address space (RLIMIT_AS)
     max_cpu: int | None = None         # CPU seconds per run (RLIMIT_CPU)
     max_children: int | None = None    # live children at once
+    max_pids: int | None = None        # OS processes and threads at once (a cgroup's pids.max, else RLIMIT_NPROC)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -220,6 +221,7 @@ class Process:
     messages: int
     cpu_seconds: float
     peak_rss: int               # bytes
+    confinement: str | None = None   # how its current run is confined: "jail/cgroup", "jail/rlimits", "none"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -238,7 +240,8 @@ CREATE TABLE IF NOT EXISTS processes (
     prompt_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
     syscalls INTEGER NOT NULL DEFAULT 0, messages INTEGER NOT NULL DEFAULT 0,
     cpu_seconds REAL NOT NULL DEFAULT 0, peak_rss INTEGER NOT NULL DEFAULT 0,
-    token_hash TEXT);
+    token_hash TEXT, confinement TEXT);
+CREATE TABLE IF NOT EXISTS tenants (id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL UNIQUE);
 CREATE UNIQUE INDEX IF NOT EXISTS live_name ON processes(tenant, name)
     WHERE state IN ('starting', 'running', 'blocked', 'suspended');
 CREATE UNIQUE INDEX IF NOT EXISTS by_token ON processes(token_hash) WHERE token_hash IS NOT NULL;
@@ -267,6 +270,7 @@ _UPDATABLE = {
     "ended": lambda v: v if v is None else float(v),
     "os_pid": lambda v: v if v is None else _positive_int("os_pid", v),
     "os_start": lambda v: v if v is None else _count("os_start", v),
+    "confinement": lambda v: v if v is None else _text("confinement", v, 64),
 }
 
 
@@ -295,6 +299,9 @@ class ProcessTable:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(processes)")}
+            if "confinement" not in columns:          # a table from before agents were confined
+                self._db.execute("ALTER TABLE processes ADD COLUMN confinement TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -412,6 +419,14 @@ class ProcessTable:
         if sets:
             with self._lock:
                 self._db.execute(f"UPDATE processes SET {', '.join(sets)} WHERE pid = ?", [*args, pid])
+
+    def tenant_number(self, tenant: str) -> int:
+        """A number of the tenant's own, 1, 2, 3... in the order tenants first ran an agent,
+        never reused: what its agents' uid is made from."""
+        _text("tenant", tenant)
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO tenants (tenant) VALUES (?)", (tenant,))
+            return self._db.execute("SELECT id FROM tenants WHERE tenant = ?", (tenant,)).fetchone()[0]
 
     def issue_token(self, pid: int) -> str:
         """A new secret for the process to prove who it is; only its hash is kept, and issuing

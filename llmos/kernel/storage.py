@@ -57,6 +57,7 @@ class TenantStorage:
         # lists them, counts them against its quota, or collides with them.
         self._tmp = self.root / ".tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)      # the host's other users never reach a tenant's files
         for leftover in self._tmp.iterdir():       # from writes a crash interrupted
             leftover.unlink(missing_ok=True)
         self._locks: dict[str, threading.Lock] = {}
@@ -106,6 +107,7 @@ class TenantStorage:
             self._make_parents(real, path)
             fd, tmp = tempfile.mkstemp(dir=self._tmp)
             try:
+                os.fchmod(fd, 0o644)    # readable by the tenant's own jailed uid, through a bind
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 os.replace(tmp, real)
@@ -196,6 +198,18 @@ class TenantStorage:
                 if stat_.S_ISREG(st.st_mode):
                     total += st.st_size
         return total
+
+    def resolve(self, tenant: str, path: str) -> str:
+        """The host path of one of the tenant's files, checked as every call's path is: how
+        the kernel finds a program a tenant stored to run it."""
+        _, _, real = self._locate(tenant, path)
+        if not os.path.isfile(real):
+            raise NotFound(f"path: no such file {path!r} in tenant {tenant!r}'s storage")
+        return real
+
+    def base(self, tenant: str) -> str:
+        """The real path of the tenant's directory."""
+        return self._base(tenant)
 
     # -- the sandbox -----------------------------------------------------------------------
     def _base(self, tenant: str) -> str:

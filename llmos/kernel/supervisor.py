@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from llmos.errors import InvalidRequestError, LLMOSError
+from llmos.kernel import jail
 from llmos.kernel.process import Limits, LimitExceeded, NoSuchProcess, Process, ProcessState, ProcessTable
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 # All an agent inherits from the server's environment: nothing secret, nothing of the server's.
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
 
+
+# The last line of a jailed run's log that shows which of its rlimits it hit (a cgroup says so itself).
+_LIMIT_MARKERS = (("MemoryError", "max_memory"), ("[Errno 11] Resource temporarily unavailable", "max_pids"),
+                  ("can't start new thread", "max_pids"), ("[Errno 28]", "max_scratch"), ("[Errno 27]", "max_scratch"))
+_LIMIT_REASONS = {"max_memory", "max_pids", "max_scratch"}
+JAIL_START_TIMEOUT = 30.0
 
 # States of a process that runs or waits inside a system call (not suspended, not ended).
 _ACTIVE = (ProcessState.RUNNING, ProcessState.BLOCKED, ProcessState.WAITING_APPROVAL)
@@ -106,6 +113,12 @@ class _Run:
     resume_state: ProcessState = ProcessState.RUNNING    # what resume() restores
     timers: list[threading.Timer] = field(default_factory=list)
     reader: threading.Thread | None = None
+    jailed: bool = False
+    features: dict | None = None         # what the jail applied, once it says so
+    ready: threading.Event = field(default_factory=threading.Event)
+    exit_code: int | None = None         # the program's own status, as the jail's init saw it
+    listener: threading.Thread | None = None
+    cgroup: object = None                # its cgroup, when limits are a cgroup's
 
     @property
     def os_pid(self) -> int:
@@ -116,15 +129,19 @@ class Supervisor:
     """Starts, watches, signals and restarts agent processes; the process table is its
     memory. Every method may be called from any thread.
 
-    Callbacks, each called outside the supervisor's lock: `on_exit(proc)` after a run of
-    this kernel ends (with the row as written: state starting if a restart will follow) and
-    when a row becomes final without a run (a pending restart killed, a lost agent not
-    restarted); `on_suspend(pid)` and `on_resume(pid)` after the signal is sent.
+    `launcher(proc)` says what to run: a command line (run unconfined, with the rlimits
+    set from outside) or a jail.Plan (confined; the plan carries its limits). Callbacks,
+    each called outside the supervisor's lock: `on_exit(proc)` after a run of this kernel
+    ends (with the row as written: state starting if a restart will follow) and when a row
+    becomes final without a run (a pending restart killed, a lost agent not restarted);
+    `on_suspend(pid)` and `on_resume(pid)` after the signal is sent; `on_violation(pid,
+    syscall)` when the jail's filter refused a call of the process.
     """
 
-    def __init__(self, table: ProcessTable, home: Path, *, launcher: Callable[[Process], list[str]],
+    def __init__(self, table: ProcessTable, home: Path, *, launcher: Callable[[Process], list[str] | jail.Plan],
                  env: dict[str, str], on_exit: Callable[[Process], None] | None = None,
                  on_suspend: Callable[[int], None] | None = None, on_resume: Callable[[int], None] | None = None,
+                 on_violation: Callable[[int, str], None] | None = None, cgroups=None,
                  log_cap: int = 1 << 20, kill_grace: float = 5.0, restart_backoff: tuple[float, float] = (0.1, 5.0),
                  max_restarts: int = 5, restart_window: float = 60.0) -> None:
         self.table = table
@@ -133,6 +150,8 @@ class Supervisor:
         self.launcher = launcher
         self.env = dict(env)
         self.on_exit, self.on_suspend, self.on_resume = on_exit, on_suspend, on_resume
+        self.on_violation = on_violation
+        self.cgroups = cgroups               # a jail cgroup tree, or None: limits are rlimits
         self.log_cap = log_cap
         self.kill_grace = kill_grace
         self.restart_backoff = restart_backoff
@@ -177,6 +196,9 @@ class Supervisor:
             except Exception as e:
                 self.table.update(proc.pid, state=ProcessState.FAILED, reason=f"spawn failed: {e}"[:256],
                                   ended=time.time())
+                self.table.revoke_token(proc.pid)
+                if isinstance(e, jail.JailError):
+                    raise jail.JailError(f"process {proc.pid} could not be confined: {e}") from e
                 raise LLMOSError(f"process {proc.pid} could not start: {e}") from e
 
     def kill(self, pid: int, reason: str = "killed") -> bool:
@@ -347,22 +369,26 @@ class Supervisor:
     def _launch(self, proc: Process, restarts: int) -> Process:
         """Starts a run of `proc` (its first or a restart). Caller holds the lock."""
         token = self.table.issue_token(proc.pid)
-        env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
-        env.update(self.env)
-        env.update(LLMOS_PID=str(proc.pid), LLMOS_NAME=proc.name, LLMOS_TOKEN=token, LLMOS_TENANT=proc.tenant)
-        # No preexec_fn (unsafe in a threaded server): rlimits are set from outside right after.
-        popen = subprocess.Popen(self.launcher(proc), cwd=proc.cwd, env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        run = _Run(popen, proc.limits)
-        self._set_rlimits(popen.pid, proc.limits)
-        stat = _proc_stat(popen.pid)
-        proc = self.table.update(proc.pid, state=ProcessState.RUNNING, os_pid=popen.pid,
+        identity = dict(LLMOS_PID=str(proc.pid), LLMOS_NAME=proc.name, LLMOS_TOKEN=token, LLMOS_TENANT=proc.tenant)
+        command = self.launcher(proc)
+        if isinstance(command, jail.Plan):
+            run = self._start_jailed(proc, command, identity)
+        else:
+            env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
+            env.update(self.env)
+            env.update(identity)
+            # No preexec_fn (unsafe in a threaded server): rlimits are set from outside right after.
+            popen = subprocess.Popen(command, cwd=proc.cwd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            run = _Run(popen, proc.limits)
+            self._set_rlimits(popen.pid, proc.limits)
+            run.reader = self._start_pump(proc.pid, popen)
+        stat = _proc_stat(run.os_pid)
+        confinement = "none" if not run.jailed else "jail/cgroup" if run.cgroup is not None else "jail/rlimits"
+        proc = self.table.update(proc.pid, state=ProcessState.RUNNING, os_pid=run.os_pid,
                                  os_start=stat[1] if stat else None, started=time.time(), ended=None,
-                                 exit_code=None, reason=None, restarts=restarts)
+                                 exit_code=None, reason=None, restarts=restarts, confinement=confinement)
         self._runs[proc.pid] = run
-        run.reader = threading.Thread(target=self._pump, args=(popen.stdout, self._log(proc.pid)), daemon=True,
-                                      name=f"llmos-log-{proc.pid}")
-        run.reader.start()
         reaper = threading.Thread(target=self._reap, args=(proc.pid, run), daemon=True,
                                   name=f"llmos-reap-{proc.pid}")
         self._reapers.add(reaper)
@@ -370,6 +396,55 @@ class Supervisor:
         if proc.limits.max_wall is not None:
             run.timers.append(_timer(proc.limits.max_wall, self._expire, proc.pid, run))
         return proc
+
+    def _start_pump(self, pid: int, popen: subprocess.Popen) -> threading.Thread:
+        reader = threading.Thread(target=self._pump, args=(popen.stdout, self._log(pid)), daemon=True,
+                                  name=f"llmos-log-{pid}")
+        reader.start()
+        return reader
+
+    def _start_jailed(self, proc: Process, plan: jail.Plan, identity: dict) -> _Run:
+        """Starts the jail and waits until it says it is in place; a jail that could not
+        confine the process fails the start with the jail's own words."""
+        plan.env.update(identity)
+        cgroup = self.cgroups.create(proc.pid, proc.limits) if self.cgroups is not None else None
+        try:
+            started = jail.start(plan, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 before=cgroup.attach if cgroup is not None else None)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        run = _Run(started.popen, proc.limits, jailed=True, cgroup=cgroup)
+        run.reader = self._start_pump(proc.pid, started.popen)
+        run.listener = threading.Thread(target=self._listen, args=(proc.pid, run, started.events), daemon=True,
+                                        name=f"llmos-jail-{proc.pid}")
+        run.listener.start()
+        if run.ready.wait(JAIL_START_TIMEOUT) and run.features is not None:
+            return run
+        _signal_group(run.os_pid, signal.SIGKILL)
+        run.popen.wait()
+        run.reader.join(5.0)
+        if cgroup is not None:
+            cgroup.remove()
+        said = [line for line in self._log(proc.pid).read(8192).decode(errors="replace").splitlines()
+                if line.startswith("llmos-jail: ")]
+        raise jail.JailError(said[-1][len("llmos-jail: "):] if said else
+                             f"the jail did not start within {JAIL_START_TIMEOUT:g} s")
+
+    def _listen(self, pid: int, run: _Run, events: int) -> None:
+        """The jail's events: confinement in place, a refused call, the program's status."""
+        try:
+            for event in jail.read_events(events):
+                if "features" in event:
+                    run.features = event["features"]
+                    run.ready.set()
+                elif "seccomp" in event:
+                    self._call(self.on_violation, pid, str(event["seccomp"])[:64])
+                elif isinstance(event.get("exit"), int):
+                    run.exit_code = event["exit"]
+        finally:
+            run.ready.set()
 
     @staticmethod
     def _set_rlimits(os_pid: int, limits: Limits) -> None:
@@ -406,6 +481,10 @@ class Supervisor:
             for t in run.timers:
                 t.cancel()
         run.reader.join(2.0)
+        if run.listener is not None:
+            run.listener.join(2.0)
+            if run.exit_code is not None:
+                code = run.exit_code
         cpu = usage.ru_utime + usage.ru_stime
         state, reason = self._outcome(pid, run, code, cpu)
         with self._lock:
@@ -429,7 +508,16 @@ class Supervisor:
             return ProcessState.FAILED, f"signal {sig}"
         if code == 0:
             return ProcessState.EXITED, "exit"
-        if run.limits.max_memory is not None and b"MemoryError" in self._log(pid).read(4096):
+        hit = run.cgroup.limit_hit() if run.cgroup is not None else None
+        if hit is not None:
+            return ProcessState.FAILED, hit
+        tail = self._log(pid).read(4096)
+        if run.jailed:
+            last = tail.decode(errors="replace").rstrip().rsplit("\n", 1)[-1]
+            for marker, reason in _LIMIT_MARKERS:
+                if marker in last:
+                    return ProcessState.FAILED, reason
+        elif run.limits.max_memory is not None and b"MemoryError" in tail:
             return ProcessState.FAILED, "max_memory"
         return ProcessState.FAILED, f"exit {code}"
 
@@ -437,7 +525,7 @@ class Supervisor:
         """Writes how a run ended and applies the restart policy. Caller holds the lock."""
         now = time.time()
         # A kill or a limit is a decision, not a crash: restarting would undo it.
-        restartable = state is not ProcessState.KILLED and reason != "max_memory" and not self._closed and (
+        restartable = state is not ProcessState.KILLED and reason not in _LIMIT_REASONS and not self._closed and (
             proc.restart == "always" or (proc.restart == "on-failure" and state is ProcessState.FAILED))
         if not restartable:
             return self.table.update(proc.pid, state=state, exit_code=code, reason=reason, ended=now)

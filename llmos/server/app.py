@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncio
+import logging
+import shutil
+import tempfile
 
 import anyio
 
@@ -37,6 +41,17 @@ from llmos.tools.registry import DEFAULT, ToolRegistry
 
 
 SUBMIT_THREADS = 256
+log = logging.getLogger("llmos.server")
+
+
+def gate_path(agents_dir: Path) -> tuple[Path, Path | None]:
+    """Where the syscall gate's socket lives, and a directory made for it to remove at the
+    end: AF_UNIX paths hold about 100 bytes, so a deep agents directory gets a private one."""
+    sock = agents_dir / "kernel.sock"
+    if len(str(sock)) < 100:
+        return sock, None
+    private = Path(tempfile.mkdtemp(prefix="llmos-gate-"))
+    return private / "kernel.sock", private
 
 
 def create_app(settings: Settings, llm: LLM) -> FastAPI:
@@ -49,22 +64,25 @@ def create_app(settings: Settings, llm: LLM) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.submit_limiter = anyio.CapacityLimiter(SUBMIT_THREADS)
         host = s.host if ":" not in s.host else f"[{s.host}]"
-        sock = s.agents_path / "kernel.sock"
-        sock = sock if len(str(sock)) < 100 else None      # AF_UNIX paths are short; else HTTP only
+        sock, sock_dir = gate_path(s.agents_path)
         services = build_services(settings, state)
+        if settings.agents.confinement == "none":
+            log.warning("agents run UNCONFINED ([agents] confinement = \"none\"): a capability binds only the "
+                        "agents that choose to ask, and every agent can read what this server can")
         state.agents = AgentKernel(s.agents_path, f"http://{host}:{s.port}", ProcessLLM(state.llm, state.embedder),
-                                   socket=sock,
+                                   socket=sock, confinement=settings.agents,
                                    kill_grace=s.kill_grace, denial_threshold=s.denial_threshold,
                                    max_restarts=s.max_restarts, restart_backoff=(0.1, s.restart_backoff_max),
                                    **services)
-        gate = SyscallGate(sock, state.agents) if sock else None
+        gate = SyscallGate(sock, state.agents)
         jobs = fine_tuning.start(app, state)
         sampler = asyncio.get_running_loop().create_task(state.monitor.run(), name="llmos-monitor")
         yield
         sampler.cancel()
         jobs.shutdown()
-        if gate:
-            gate.close()
+        gate.close()
+        if sock_dir is not None:
+            shutil.rmtree(sock_dir, ignore_errors=True)
         state.agents.shutdown()
         services["library"].close()
         services["memory"].close()

@@ -90,6 +90,8 @@ _KINDS = {
     "AdapterNotAllowed": (403, "permission_error", "adapter_not_allowed"),
     "AdapterBusy": (409, "invalid_request_error", "adapter_in_use"),
     "AdapterMemoryFull": (429, "rate_limit_error", "adapter_memory_full"),
+    "HostProgramNotAllowed": (403, "permission_error", "admin_required"),
+    "JailError": (503, "server_error", "confinement_unavailable"),
 }
 
 

@@ -34,6 +34,7 @@ class ServerSettings:
     restart_backoff_max: float = 5.0  # the longest wait before a restart (0.1 s, doubling up to this)
     denial_threshold: int = 20        # denied system calls in a minute that get an agent suspended and flagged
     auth_failure_threshold: int = 10  # bad API keys in a minute from one address before it is refused for a while
+    trusted_proxies: list = field(default_factory=list)   # addresses whose X-Forwarded-For names the client
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -48,6 +49,17 @@ class ServerSettings:
         integer("server.max_restarts", self.max_restarts, 0)
         number("server.restart_backoff_max", self.restart_backoff_max, 0)
         integer("server.auth_failure_threshold", self.auth_failure_threshold, 1)
+        if not isinstance(self.trusted_proxies, list):
+            raise InvalidRequestError(f"server.trusted_proxies: must be a list of IP addresses or CIDR networks, "
+                                      f"got {self.trusted_proxies!r}")
+        for proxy in self.trusted_proxies:
+            try:
+                if not isinstance(proxy, str):
+                    raise ValueError("not a string")
+                ipaddress.ip_network(proxy)
+            except ValueError as e:
+                raise InvalidRequestError(f"server.trusted_proxies: {proxy!r} is not an IP address or CIDR network "
+                                          f"(e.g. \"10.0.0.5\" or \"10.0.0.0/24\"): {e}") from None
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise InvalidRequestError(f"server.log_level: must be critical, error, warning, info or debug, "
                                       f"got {self.log_level!r}")
@@ -83,6 +95,26 @@ class ToolSettings:
         integer("tools.conversation_budget", self.conversation_budget, 128, 1 << 20)
         number("tools.timeout", self.timeout, 0.001)
         number("tools.approval_timeout", self.approval_timeout, 0.001)
+
+
+@dataclass
+class AgentSettings:
+    """[agents]: how agent processes are confined (see llmos/kernel/jail.py)."""
+    confinement: str = "jail"         # jail: namespaces, own uid, seccomp, cgroup or rlimits; none: unconfined
+    uid_base: int = 200000            # when llmos runs as root, tenant n runs as uid/gid uid_base + n
+    uid_count: int = 65536            # how many tenants the range holds
+    scratch_mb: int = 64              # size of an agent's private /tmp (RAM)
+    max_pids: int = 256               # processes and threads an agent may have when its limits set none
+    open_files: int = 1024            # RLIMIT_NOFILE of an agent
+
+    def __post_init__(self) -> None:
+        if self.confinement not in ("jail", "none"):
+            raise InvalidRequestError(f"agents.confinement: must be \"jail\" or \"none\", got {self.confinement!r}")
+        integer("agents.uid_base", self.uid_base, 1000, (1 << 32) - 2)
+        integer("agents.uid_count", self.uid_count, 1, (1 << 32) - 2 - self.uid_base)
+        integer("agents.scratch_mb", self.scratch_mb, 1, 1 << 20)
+        integer("agents.max_pids", self.max_pids, 1, 1 << 22)
+        integer("agents.open_files", self.open_files, 16, 1 << 20)
 
 
 @dataclass
@@ -126,6 +158,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     tools: ToolSettings = field(default_factory=ToolSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    agents: AgentSettings = field(default_factory=AgentSettings)
     mcp_servers: list = field(default_factory=list)  # [[mcp_servers]]: name and command (argv list) or url
 
     def __post_init__(self) -> None:
@@ -161,7 +194,8 @@ class Settings:
         """The effective configuration. TOML has no null, so unset settings appear as comments."""
         out = []
         for name, values in (("engine", self.engine), ("server", dataclasses.asdict(self.server)),
-                             ("tools", dataclasses.asdict(self.tools)), ("cluster", dataclasses.asdict(self.cluster))):
+                             ("tools", dataclasses.asdict(self.tools)), ("cluster", dataclasses.asdict(self.cluster)),
+                             ("agents", dataclasses.asdict(self.agents))):
             out.append(tomli_w.dumps({name: {k: v for k, v in values.items() if v is not None}})
                        + "".join(f"# {k} is unset\n" for k, v in values.items() if v is None))
         if self.mcp_servers:
@@ -181,7 +215,7 @@ def is_loopback(host: str) -> bool:
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Settings:
     """Defaults, then the TOML file, then `overrides` ({"engine.model": ..., "server.port": ...})."""
-    sections: dict[str, dict] = {"engine": {}, "server": {}, "tools": {}, "cluster": {}}
+    sections: dict[str, dict] = {"engine": {}, "server": {}, "tools": {}, "cluster": {}, "agents": {}}
     mcp_servers: list = []
     if path is not None:
         try:
@@ -192,7 +226,7 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
         unknown = sorted(set(data) - set(sections))
         if unknown:
             raise InvalidRequestError(f"config {path}: unknown section(s) {unknown}; known: engine, server, tools, "
-                                      f"cluster, mcp_servers")
+                                      f"cluster, agents, mcp_servers")
         for name, values in data.items():
             if not isinstance(values, dict):
                 raise InvalidRequestError(f"config {path}: [{name}] must be a table")
@@ -200,16 +234,17 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in sections or not key:
-            raise InvalidRequestError(f"setting {dotted!r}: expected engine.<name>, server.<name>, tools.<name> or "
-                                      f"cluster.<name>")
+            raise InvalidRequestError(f"setting {dotted!r}: expected engine.<name>, server.<name>, tools.<name>, "
+                                      f"cluster.<name> or agents.<name>")
         sections[section][key] = value
     engine_fields = [f for f in dataclasses.fields(EngineConfig)]
     known_engine = {f.name for f in engine_fields}
     known_server = {f.name for f in dataclasses.fields(ServerSettings)}
     known_tools = {f.name for f in dataclasses.fields(ToolSettings)}
     known_cluster = {f.name for f in dataclasses.fields(ClusterSettings)}
+    known_agents = {f.name for f in dataclasses.fields(AgentSettings)}
     for section, known in (("engine", known_engine), ("server", known_server), ("tools", known_tools),
-                           ("cluster", known_cluster)):
+                           ("cluster", known_cluster), ("agents", known_agents)):
         unknown = sorted(set(sections[section]) - known)
         if unknown:
             raise InvalidRequestError(f"[{section}]: unknown setting(s) {unknown}; known: {sorted(known)}")
@@ -218,4 +253,4 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, object] |
     engine.update(sections["engine"])
     EngineConfig(**{**engine, "device": "cpu"})   # validate now; "auto" is resolved when the engine starts
     return Settings(engine, ServerSettings(**sections["server"]), ToolSettings(**sections["tools"]),
-                    ClusterSettings(**sections["cluster"]), mcp_servers)
+                    ClusterSettings(**sections["cluster"]), AgentSettings(**sections["agents"]), mcp_servers)

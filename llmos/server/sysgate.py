@@ -41,6 +41,10 @@ class SyscallGate:
             self.server = socketserver.ThreadingUnixStreamServer(str(self.path), Handler)
         finally:
             os.umask(old)
+        # Jailed agents run under uids of their own and reach the socket through a bind: any
+        # uid may connect, and the token decides who the caller is. Its directory (the
+        # agents directory, mode 0700) keeps the host's other users from reaching it.
+        os.chmod(self.path, 0o666)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="llmos-sysgate", daemon=True)
         self.thread.start()

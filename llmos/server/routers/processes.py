@@ -31,11 +31,12 @@ async def _run(fn, *args):
 
 
 class SpawnRequest(BaseModel):
-    path: str = Field(description="absolute path of the agent's .py file, or package.module:function")
+    path: str = Field(description="the agent's .py file in the tenant's storage (relative); admin keys only: an "
+                                  "absolute host path or package.module:function")
     name: str | None = None
     caps: list[str] | None = Field(None, description="capabilities; omitted: all")
     args: list[str] = []
-    cwd: str | None = None
+    cwd: str | None = Field(None, description="admin keys only: the working directory (bound in read-only)")
     priority: int | None = Field(None, ge=-1000, le=1000)
     weight: float = Field(1.0, gt=0, le=1e6)
     restart: Literal["never", "on-failure", "always"] = "never"
@@ -80,7 +81,7 @@ async def spawn(body: SpawnRequest, principal: Principal = Depends(authenticate)
     proc = await _run(lambda: state.agents.spawn(
         tenant=principal.tenant, path=body.path, args=body.args, cwd=body.cwd, name=body.name, caps=body.caps,
         limits=body.limits, priority=priority, weight=body.weight, restart=body.restart, durable=body.durable,
-        key_id=principal.key.id if principal.key else None))
+        key_id=principal.key.id if principal.key else None, admin=principal.admin))
     return proc.to_dict()
 
 
