@@ -60,13 +60,51 @@ def _exit_status(code: int | None) -> int:
     return 128 - code if code < 0 else code
 
 
+# What --dir leaves out of an upload: nothing a program imports lives there.
+_SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+MAX_UPLOAD_FILES = 1000
+
+
+def upload_program(s: Server, path: str, directory: str | None) -> str:
+    """Stores the program (and with `directory`, every file under it) in the tenant's
+    storage under programs/<name>/ and returns the program's path there, which a tenant
+    key may spawn. Sibling modules import from the same directory once it runs."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise LLMOSError(f"path: no such file {path!r}")
+    root = os.path.abspath(directory) if directory else os.path.dirname(path)
+    if directory and not os.path.isdir(root):
+        raise LLMOSError(f"--dir: no such directory {directory!r}")
+    if os.path.commonpath([root, path]) != root:
+        raise LLMOSError(f"path: {path!r} is not inside --dir {root!r}")
+    files = [path]
+    if directory:
+        files = []
+        for here, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+            files += [os.path.join(here, n) for n in sorted(names) if not n.endswith((".pyc", ".pyo"))]
+        if len(files) > MAX_UPLOAD_FILES:
+            raise LLMOSError(f"--dir: {root!r} holds {len(files)} files, more than {MAX_UPLOAD_FILES}; "
+                             f"point --dir at the program's own directory")
+    stem = os.path.basename(root) if directory else os.path.splitext(os.path.basename(path))[0]
+    prefix = f"programs/{stem or 'agent'}"
+    for f in files:
+        with open(f, "rb") as fh:
+            s.request("PUT", f"/v1/fs/{prefix}/{os.path.relpath(f, root)}", content=fh.read())
+    return f"{prefix}/{os.path.relpath(path, root)}"
+
+
 def cmd_run(args) -> int:
-    from llmos.agent.run import resolve_program
+    from llmos.agent.run import is_entry_point, resolve_program
     s = Server(args.url)
     limits = {k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None}
-    body = {"path": resolve_program(args.path, os.getcwd()), "name": args.name, "caps": args.cap, "args": args.args,
-            "restart": args.restart, "durable": args.durable, "limits": limits, "cwd": os.getcwd(),
-            "weight": args.weight}
+    body = {"name": args.name, "caps": args.cap, "args": args.args, "restart": args.restart,
+            "durable": args.durable, "limits": limits, "weight": args.weight}
+    if is_entry_point(args.path) or args.host:
+        # module:function, or a file where the server can read it: an admin key's to run.
+        body.update(path=resolve_program(args.path, os.getcwd()), cwd=os.getcwd())
+    else:
+        body["path"] = upload_program(s, args.path, args.dir)
     if args.priority is not None:
         body["priority"] = args.priority
     proc = s.request("POST", "/v1/processes", json=body).json()
@@ -82,13 +120,13 @@ def cmd_ps(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{'PID':>6} {'PPID':>6} {'NAME':<24} {'STATE':<10} {'EXIT':>5} {'RESTARTS':>8} {'TENANT':<12} "
-          f"{'PRI':>4} {'TOKENS':>8}")
+          f"{'PRI':>4} {'TOKENS':>8} {'CONFINEMENT':<12}")
     for p in rows:
         code = "-" if p.get("exit_code") is None else p["exit_code"]
         tokens = (p.get("prompt_tokens") or 0) + (p.get("output_tokens") or 0)
         print(f"{p['pid']:>6} {p.get('ppid') or '-':>6} {str(p.get('name') or '-')[:24]:<24} {p['state']:<10} "
               f"{code:>5} {p.get('restarts', 0):>8} {str(p.get('tenant') or '-')[:12]:<12} {p.get('priority', 0):>4} "
-              f"{tokens:>8}")
+              f"{tokens:>8} {p.get('confinement') or '-':<12}")
     return 0
 
 
@@ -174,7 +212,11 @@ def add_commands(sub) -> None:
         p.add_argument("--url", default=None, help="the llmos server (default $LLMOS_URL or http://127.0.0.1:8000)")
 
     p = sub.add_parser("run", help="start an agent program as a process; prints its pid")
-    p.add_argument("path", help="a .py file (relative to here) or package.module:function")
+    p.add_argument("path", help="a .py file (relative to here), uploaded into your tenant's storage and run from "
+                                "there; or package.module:function (admin keys)")
+    p.add_argument("--dir", default=None, help="upload this whole directory with the program (its sibling modules)")
+    p.add_argument("--host", action="store_true",
+                   help="admin keys: run the file where it lies on the server's machine, from this directory")
     p.add_argument("--name", default=None)
     p.add_argument("--cap", action="append", default=None, help="a capability (repeatable); none given: all")
     p.add_argument("--max-tokens", type=int, default=None, help="LLM tokens over the process's life")
@@ -183,6 +225,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-memory", type=_size, default=None, help="address space, e.g. 2GiB")
     p.add_argument("--max-cpu", type=int, default=None, help="CPU seconds")
     p.add_argument("--max-children", type=int, default=None)
+    p.add_argument("--max-pids", type=int, default=None, help="OS processes and threads at once")
     p.add_argument("--priority", type=int, default=None, help="lower runs first")
     p.add_argument("--weight", type=float, default=1.0, help="its share of the tenant's part under fair scheduling")
     p.add_argument("--restart", choices=["never", "on-failure", "always"], default="never")

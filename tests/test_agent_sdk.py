@@ -40,8 +40,12 @@ class FakeServer:
                 url = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw                      # an uploaded file
                 req = {"method": self.command, "path": url.path, "query": dict(parse_qsl(url.query)),
-                       "body": json.loads(raw) if raw else None, "auth": self.headers.get("Authorization")}
+                       "body": body, "auth": self.headers.get("Authorization")}
                 fake.requests.append(req)
                 status, payload, *headers = respond(req["method"], req["path"], req["query"], req["body"])
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -53,7 +57,7 @@ class FakeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = _handle
+            do_GET = do_POST = do_PUT = _handle
 
             def log_message(self, *args):
                 pass
@@ -383,7 +387,7 @@ def test_launcher_without_a_target_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "usage" in r.stderr
 
 
-def test_a_launched_agent_spawns_its_sibling_wherever_it_was_started_from(tmp_path):
+def test_a_launched_agent_names_its_sibling_by_a_relative_path_wherever_it_was_started_from(tmp_path):
     srv = FakeServer(syscalls({"proc.spawn": {"pid": 2}, "proc.wait": {"done": True, "exit_code": 0}}))
     try:
         write(tmp_path / "team" / "boss.py", """
@@ -396,7 +400,8 @@ def test_a_launched_agent_spawns_its_sibling_wherever_it_was_started_from(tmp_pa
                    env={"LLMOS_URL": srv.url, "LLMOS_TOKEN": "t", "LLMOS_PID": "1"})
         assert r.returncode == 0, r.stderr
         spawn, wait = srv.calls()
-        assert spawn["args"]["path"] == str(tmp_path / "team" / "worker.py") and spawn["args"]["args"] == ["job-1"]
+        # The kernel resolves it beside the caller's own program (test_agents checks that end to end).
+        assert spawn["args"]["path"] == "worker.py" and spawn["args"]["args"] == ["job-1"]
         assert (spawn["seq"], wait["seq"], wait["args"]["pid"]) == (0, 1, 2)
     finally:
         srv.close()
@@ -414,7 +419,7 @@ def test_program_paths_resolve_like_the_kernel_expects(tmp_path):
 # -- the CLI ----------------------------------------------------------------------------------
 PROC = {"pid": 5, "ppid": None, "name": "boss", "state": "running", "exit_code": None, "reason": None,
         "restarts": 0, "tenant": "team-a", "priority": 0, "weight": 1.0, "caps": ["llm"], "prompt_tokens": 10,
-        "output_tokens": 32}
+        "output_tokens": 32, "confinement": "jail/rlimits"}
 
 
 @pytest.fixture
@@ -451,33 +456,65 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_run_sends_the_program_resolved_from_here_and_prints_the_pid(server, capsys, tmp_path, monkeypatch):
+def test_run_uploads_the_program_into_the_tenants_storage_and_spawns_it_from_there(server, capsys, tmp_path,
+                                                                                   monkeypatch):
     server.routes["POST /v1/processes"] = (201, {**PROC, "pid": 17})
+    for path in ("programs/boss/boss.py", "programs/team/boss.py", "programs/team/lib/helper.py"):
+        server.routes[f"PUT /v1/fs/{path}"] = {"path": path, "bytes": 1}
+    (tmp_path / "team" / "lib").mkdir(parents=True)
+    (tmp_path / "team" / "boss.py").write_text("import helper\n")
+    (tmp_path / "team" / "lib" / "helper.py").write_text("X = 1\n")
+    (tmp_path / "team" / "__pycache__").mkdir()
+    (tmp_path / "team" / "__pycache__" / "boss.cpython-311.pyc").write_bytes(b"\0")
     monkeypatch.chdir(tmp_path)
-    code, out, _ = cli(capsys, "run", "agents/boss.py", "--name", "boss", "--cap", "llm", "--cap", "msg:send:*",
+    code, out, _ = cli(capsys, "run", "team/boss.py", "--name", "boss", "--cap", "llm", "--cap", "msg:send:*",
                        "--max-tokens", "900", "--max-memory", "1GiB", "--max-wall", "30", "--priority", "-2",
                        "--restart", "on-failure", "--durable", "--", "--input", "x.txt")
     assert (code, out) == (0, "17\n")
-    req = server.requests[0]
-    assert req["auth"] == "Bearer sk-llmos-from-file"
-    assert req["body"] == {"path": str(tmp_path / "agents" / "boss.py"), "name": "boss", "caps": ["llm", "msg:send:*"],
-                           "args": ["--input", "x.txt"], "restart": "on-failure", "durable": True,
-                           "limits": {"max_tokens": 900, "max_wall": 30.0, "max_memory": 2**30},
-                           "cwd": str(tmp_path), "weight": 1.0, "priority": -2}
+    upload, spawn = server.requests
+    assert (upload["method"], upload["path"], upload["body"]) == ("PUT", "/v1/fs/programs/boss/boss.py",
+                                                                   b"import helper\n")
+    assert upload["auth"] == spawn["auth"] == "Bearer sk-llmos-from-file"
+    assert spawn["body"] == {"path": "programs/boss/boss.py", "name": "boss", "caps": ["llm", "msg:send:*"],
+                             "args": ["--input", "x.txt"], "restart": "on-failure", "durable": True,
+                             "limits": {"max_tokens": 900, "max_wall": 30.0, "max_memory": 2**30},
+                             "weight": 1.0, "priority": -2}
+    server.requests.clear()
+    cli(capsys, "run", "team/boss.py", "--dir", "team")
+    assert [r["path"] for r in server.requests] == ["/v1/fs/programs/team/boss.py",
+                                                    "/v1/fs/programs/team/lib/helper.py", "/v1/processes"]
+    assert server.requests[-1]["body"]["path"] == "programs/team/boss.py"
+    server.requests.clear()
     cli(capsys, "run", "pkg.mod:main")
-    assert server.requests[1]["body"]["path"] == "pkg.mod:main" and server.requests[1]["body"]["caps"] is None
-    assert server.requests[1]["body"]["limits"] == {} and "priority" not in server.requests[1]["body"]
+    assert server.requests[0]["body"]["path"] == "pkg.mod:main" and server.requests[0]["body"]["caps"] is None
+    assert server.requests[0]["body"]["cwd"] == str(tmp_path) and "priority" not in server.requests[0]["body"]
+    cli(capsys, "run", "team/boss.py", "--host")
+    assert server.requests[1]["body"]["path"] == str(tmp_path / "team" / "boss.py")
 
 
-def test_run_wait_exits_with_the_programs_code(server, capsys, monkeypatch):
+def test_run_refuses_a_program_outside_its_dir_or_missing(server, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "w.py").write_text("")
+    code, _, err = cli(capsys, "run", "w.py", "--dir", "a")
+    assert code != 0 and "not inside --dir" in err
+    code, _, err = cli(capsys, "run", "missing.py")
+    assert code != 0 and "no such file" in err
+    assert server.requests == []
+
+
+def test_run_wait_exits_with_the_programs_code(server, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("LLMOS_API_KEY", "sk-llmos-env")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.py").write_text("")
     answers = iter([{"done": False, "exit_code": None, "state": "running"},
                     {"done": True, "exit_code": 4, "state": "exited", "reason": "exit"}])
+    server.routes["PUT /v1/fs/programs/x/x.py"] = {"path": "programs/x/x.py", "bytes": 0}
     server.routes["POST /v1/processes"] = (201, PROC)
     server.routes["GET /v1/processes/5/wait"] = lambda q, b: next(answers)
     code, out, _ = cli(capsys, "run", "x.py", "--wait")
     assert code == 4 and out.splitlines()[0] == "5"
-    assert [r["query"] for r in server.requests[1:]] == [{"timeout": "20"}] * 2
+    assert [r["query"] for r in server.requests[2:]] == [{"timeout": "20"}] * 2
     assert {r["auth"] for r in server.requests} == {"Bearer sk-llmos-env"}
 
 
@@ -492,8 +529,9 @@ def test_ps_prints_a_table_or_json(server, capsys):
     server.routes["GET /v1/processes"] = {"object": "list", "data": rows}
     code, out, _ = cli(capsys, "ps", "--all")
     header, first, second = out.splitlines()
-    assert header.split() == ["PID", "PPID", "NAME", "STATE", "EXIT", "RESTARTS", "TENANT", "PRI", "TOKENS"]
-    assert first.split() == ["5", "-", "boss", "running", "-", "0", "team-a", "0", "42"]
+    assert header.split() == ["PID", "PPID", "NAME", "STATE", "EXIT", "RESTARTS", "TENANT", "PRI", "TOKENS",
+                              "CONFINEMENT"]
+    assert first.split() == ["5", "-", "boss", "running", "-", "0", "team-a", "0", "42", "jail/rlimits"]
     assert second.split()[:5] == ["6", "5", "worker", "exited", "0"]
     assert server.requests[0]["query"] == {"all": "true"}
     code, out, _ = cli(capsys, "ps", "--json")

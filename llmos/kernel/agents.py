@@ -22,7 +22,7 @@ from typing import Protocol
 from llmos.errors import InvalidRequestError, LLMOSError
 from llmos.kernel import jail
 from llmos.kernel.audit import AuditLog
-from llmos.kernel.capabilities import ALL, Capabilities, PermissionDenied, parse
+from llmos.kernel.capabilities import ALL, GRANTABLE, Capabilities, PermissionDenied, parse
 from llmos.kernel.intrusion import IntrusionDetector
 from llmos.kernel.ipc import MessageQueue
 from llmos.kernel.journal import Journal
@@ -217,6 +217,13 @@ class AgentKernel:
                          binds=binds, hidden=hidden, network="net" in proc.caps, uid=uid, gid=gid, rlimits=rlimits,
                          scratch_bytes=c.scratch_mb << 20)
 
+    def confinement_summary(self) -> dict:
+        """How agents are confined, for the kernel's stats: {"confinement": "jail" | "none",
+        "limits": "cgroup" | "rlimits" | None}."""
+        if self.confinement is None:
+            return {"confinement": "none", "limits": None}
+        return {"confinement": "jail", "limits": "cgroup" if self.supervisor.cgroups is not None else "rlimits"}
+
     def _violation(self, pid: int, syscall: str) -> None:
         """A call the jail's filter refused: audited as a denied system call, and counted by
         intrusion detection like any other denial."""
@@ -241,8 +248,8 @@ class AgentKernel:
         program, cwd = self._program(tenant, path, cwd, parent, admin)
         if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
             raise InvalidRequestError(f"args: must be a list of strings, got {args!r}")
-        have = Capabilities(parent.caps if parent else ALL)
-        want = Capabilities(have.caps if caps is None else parse(caps))
+        have = Capabilities(parent.caps if parent else GRANTABLE)
+        want = Capabilities((parent.caps if parent else ALL) if caps is None else parse(caps))
         missing = have.missing(want)
         if missing:
             raise PermissionDenied("proc.spawn", parent.pid if parent else 0, missing[0])
@@ -273,18 +280,19 @@ class AgentKernel:
             elif not host:
                 here = os.path.relpath(os.path.dirname(parent.argv[0]), self.storage.base(tenant))
                 path = os.path.normpath(os.path.join(here, path))
-        if not host:
-            if cwd is not None:
+        if not os.path.isabs(path) and not _looks_like_entry_point(path):
+            if cwd is not None and not host:
                 raise HostProgramNotAllowed("cwd: only an admin key may choose an agent's working directory; "
                                             "a tenant's agent runs in its program's directory")
-            if os.path.isabs(path) or _looks_like_entry_point(path):
-                raise HostProgramNotAllowed(
-                    f"path: {path!r} is a host path or module:function, which only an admin key may run; a tenant "
-                    f"key runs programs from its own storage: store it with PUT /v1/fs/<file> (`llmos run ./file.py` "
-                    f"does that), then spawn it by its relative path")
             real = self.storage.resolve(tenant, path)
-            return real, os.path.dirname(real)
+            return real, cwd or os.path.dirname(real)
+        if not host:
+            raise HostProgramNotAllowed(
+                f"path: {path!r} is a host path or module:function, which only an admin key may run; a tenant "
+                f"key runs programs from its own storage: store it with PUT /v1/fs/<file> (`llmos run ./file.py` "
+                f"does that), then spawn it by its relative path")
         return _program(path, cwd)
+
     def process(self, pid: int, tenant: str | None = None) -> Process:
         proc = self.table.get(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None
         if proc is None or (tenant is not None and proc.tenant != tenant):

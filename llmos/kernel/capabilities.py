@@ -14,6 +14,8 @@ most what its parent holds, so authority can only narrow down the process tree.
     mem:shared               the tenant-wide shared memory as well (recall sees it, remember
                              and forget with shared=true reach it)
     kv:<key-glob>            read and write matching keys of the tenant's key-value store
+    net                      the host's network (a jailed agent has none without it: its
+                             only way out is the syscall gate); never granted unless asked for
 
 Globs are fnmatch patterns (`*`, `?`, `[...]`), case-sensitive. A path is one string, so
 `*` and `?` match `/` too: `fs:read:data/*` reaches data/x.txt and data/sub/y.txt (but not
@@ -34,7 +36,7 @@ from llmos.errors import InvalidRequestError, LLMOSError
 from llmos.kernel.storage import TenantStorage
 
 # Family -> whether it takes a glob. A family without one is the whole capability.
-_FAMILIES = {"llm": False, "msg": False, "proc:spawn": False, "mem:shared": False, "mem": False,
+_FAMILIES = {"llm": False, "msg": False, "proc:spawn": False, "mem:shared": False, "mem": False, "net": False,
              "msg:send": True, "msg:topic": True, "fs:read": True, "fs:write": True, "tool": True, "kv": True}
 _PATH_FAMILIES = ("fs:read", "fs:write")
 _MSG_FAMILIES = ("msg:send", "msg:topic")
@@ -44,6 +46,9 @@ _MAX_GLOB = 1024
 # Every capability there is: the set that covers all others, for a process a user starts
 # directly rather than one spawned by another process.
 ALL = ("llm", "msg", "proc:spawn", "fs:read:*", "fs:write:*", "tool:*", "mem", "mem:shared", "kv:*")
+# What a user may grant a process it starts: ALL and the network, which is only ever given
+# by name, so an agent started with every capability still has no network.
+GRANTABLE = (*ALL, "net")
 
 
 class PermissionDenied(LLMOSError):

@@ -369,7 +369,8 @@ class Supervisor:
     def _launch(self, proc: Process, restarts: int) -> Process:
         """Starts a run of `proc` (its first or a restart). Caller holds the lock."""
         token = self.table.issue_token(proc.pid)
-        identity = dict(LLMOS_PID=str(proc.pid), LLMOS_NAME=proc.name, LLMOS_TOKEN=token, LLMOS_TENANT=proc.tenant)
+        identity = dict(LLMOS_PID=str(proc.pid), LLMOS_NAME=proc.name, LLMOS_TOKEN=token, LLMOS_TENANT=proc.tenant,
+                        LLMOS_RESTARTS=str(restarts))
         command = self.launcher(proc)
         if isinstance(command, jail.Plan):
             run = self._start_jailed(proc, command, identity)

@@ -4,6 +4,8 @@ With auth off (loopback only) every caller is tenant "default" with every right.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -50,21 +52,67 @@ bearer = HTTPBearer(auto_error=False, description="an llmos API key (`llmos keys
 
 def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                  state: ServerState = Depends(get_state)) -> Principal:
+    """The key decides, first: a valid key is served whatever else its address sent. Only bad
+    keys are counted per address, and those from an address past the threshold get 429."""
     if not state.settings.server.auth:
         return ANONYMOUS
-    address = request.client.host if request.client else "unknown"
-    left = state.guard.blocked(address)
-    if left is not None:
-        raise APIError(429, f"too many invalid API keys from {address}; refused for {left:.0f} s more",
-                       "rate_limit_error", code="address_blocked", retry_after=left)
     if credentials is None or not credentials.credentials.strip():
         raise APIError(401, "missing API key: send it as 'Authorization: Bearer <key>'", "authentication_error",
                        code="missing_api_key")
     key = state.keys.lookup(credentials.credentials.strip())
-    if key is None:
-        state.guard.auth_failed(address)
+    if key is not None:
+        return Principal(key.tenant, key.priority, key.weight, key.admin, key, key.priority)
+    address = client_address(request.client.host if request.client else "unknown",
+                             ",".join(request.headers.getlist("x-forwarded-for")),
+                             state.settings.server.trusted_proxies)
+    left = state.guard.blocked(address)
+    if left is None:
+        now_blocked = state.guard.auth_failed(address)
+        _audit(state, address, f"invalid api key from {address}" +
+               (f"; {address} is blocked for {state.guard.block_seconds:.0f} s" if now_blocked else ""),
+               "invalid_api_key")
         raise APIError(401, "invalid or revoked API key", "authentication_error", code="invalid_api_key")
-    return Principal(key.tenant, key.priority, key.weight, key.admin, key, key.priority)
+    refused = state.guard.refused(address)
+    if refused:
+        _audit(state, address, f"blocked: {refused} invalid api key(s) from {address} refused "
+                               f"(too many invalid keys)", "address_blocked")
+    raise APIError(429, f"too many invalid API keys from {address}: invalid keys from it are refused for "
+                        f"{left:.0f} s more; valid keys are still served", "rate_limit_error",
+                   code="address_blocked", retry_after=left)
+
+
+def _audit(state: ServerState, address: str, reason: str, outcome: str) -> None:
+    """A key attempt refused, on the kernel's audit log beside the system calls it guards."""
+    if state.agents is not None:
+        state.agents.audit.finish(state.agents.audit.begin(None, "-", "auth.key", {"address": address}, False,
+                                                           reason), outcome, 0.0)
+
+
+@functools.cache
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(p) for p in proxies)
+
+
+def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address, proxies: tuple[str, ...]) -> bool:
+    return any(address in net for net in _networks(proxies))
+
+
+def client_address(peer: str, forwarded: str | None, trusted_proxies: list[str]) -> str:
+    """Who sent a request. X-Forwarded-For is believed only from a trusted proxy, and only as
+    far as the chain of trusted proxies goes (nginx's real_ip_recursive): the right-most hop
+    that is not a trusted proxy is the client, since the client may have written anything to
+    its left. A missing or malformed header leaves the peer."""
+    proxies = tuple(trusted_proxies)
+    try:
+        if not forwarded or not _trusted(ipaddress.ip_address(peer), proxies):
+            return peer
+        for hop in reversed(forwarded.split(",")):
+            address = ipaddress.ip_address(hop.strip())
+            if not _trusted(address, proxies):
+                return str(address)
+    except ValueError:
+        return peer
+    return str(address)        # every hop a trusted proxy: the farthest one
 
 
 def authenticate_process(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),

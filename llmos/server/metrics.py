@@ -148,7 +148,8 @@ class KernelCollector:
                                 value=q.get("in_flight", 0))
         yield CounterMetricFamily("llmos_processes_flagged", "Agents suspended for too many denied calls",
                                   value=agents.intrusion.processes_flagged)
-        yield CounterMetricFamily("llmos_addresses_blocked", "Client addresses refused after too many bad API keys",
+        yield CounterMetricFamily("llmos_addresses_blocked", "Client addresses blocked after too many bad API keys "
+                                  "(their further bad keys get 429; valid keys are served)",
                                   value=guard.addresses_blocked)
         if agents.library is not None:
             yield from self._library(agents.library)

@@ -85,4 +85,7 @@ async def renice(request_id: str, body: Renice, principal: Principal = Depends(a
 @router.get("/stats", response_model=KernelStats, responses=errors(401))
 async def stats(principal: Principal = Depends(authenticate), state: ServerState = Depends(get_state)):
     s = await anyio.to_thread.run_sync(state.llm.stats)
-    return (s if principal.admin else s.for_tenant(principal.tenant)).to_dict()
+    out = (s if principal.admin else s.for_tenant(principal.tenant)).to_dict()
+    if state.agents is not None:
+        out["agents"] = state.agents.confinement_summary()
+    return out
