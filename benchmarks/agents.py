@@ -1,12 +1,14 @@
 """Agents: what running LLM programs as processes costs, measured in one run.
 
-1 llm syscalls   16 agents, each making 3 chat calls (32 tokens, EOS ignored), against 16
-                 threads making the same requests with the official OpenAI client over
-                 the HTTP API: output tokens/s of each, interleaved A B A B, medians.
+1 llm syscalls   16 agents, each making 3 chat calls (32 tokens, EOS ignored), confined (the
+                 default jail) and on a server with `[agents] confinement = "none"`, against
+                 16 threads making the same requests with the official OpenAI client over
+                 the HTTP API: output tokens/s of each, interleaved A B C A B C, medians.
 2 messages       4 sender/receiver agent pairs, 500 durable messages each (send, then
                  recv + ack): messages/s over all pairs, delivery latency p50/p99.
 3 spawn          spawn-to-running latency (HTTP spawn until the agent's first system call
-                 is audited), beside a bare Python start-up and `import llmos.agent`.
+                 is audited), confined and unconfined interleaved, beside a bare Python
+                 start-up, `import llmos.agent`, and the jail alone on an empty program.
 4 recovery       kill -9 of the kernel with 4 restart=always agents and messages in
                  flight: seconds from the new kernel's start to all agents running again,
                  and messages lost.
@@ -100,6 +102,7 @@ def write_programs(d: Path) -> dict[str, Path]:
                        ("consumer", CONSUMER), ("flooder", FLOODER)):
         out[name] = d / f"{name}.py"
         out[name].write_text(HEADER + textwrap.dedent(body))
+    d.chmod(0o755)        # a jailed agent runs under its tenant's uid: its directory must be readable
     return out
 
 
@@ -123,11 +126,11 @@ class Client:
         return json.loads(self.http.get(f"/v1/processes/{pid}/logs").text.strip().splitlines()[-1])
 
 
-def part_llm(url: str, progs: dict, rounds: int = 2) -> str:
-    c = Client(url)
+def part_llm(url: str, progs: dict, rounds: int = 3, unconfined: str | None = None) -> str:
     n, calls = 16, 3
 
-    def agents() -> float:
+    def agents(at_url: str) -> float:
+        c = Client(at_url)
         at = time.time() + 4.0
         pids = [c.spawn(progs["chatter"], str(i), str(calls), str(at)) for i in range(n)]
         rs = [c.result(p) for p in pids]
@@ -148,17 +151,25 @@ def part_llm(url: str, progs: dict, rounds: int = 2) -> str:
             rs = list(pool.map(one, range(n)))
         return sum(r[2] for r in rs) / (max(r[1] for r in rs) - min(r[0] for r in rs))
 
-    a, b = [], []
+    a, b, u = [], [], []
     for _ in range(rounds):
-        a.append(agents())
+        a.append(agents(url))
+        if unconfined:
+            u.append(agents(unconfined))
         b.append(http())
-    ratio = statistics.median(a) / statistics.median(b)
-    table = markdown_table(["client", "output tok/s (runs)", "median"],
-                           [["16 agents, agent.chat", ", ".join(f"{x:.1f}" for x in a), f"{statistics.median(a):.1f}"],
-                            ["16 threads, OpenAI HTTP", ", ".join(f"{x:.1f}" for x in b), f"{statistics.median(b):.1f}"]])
-    return (f"### 1. LLM system calls against the OpenAI HTTP API\n\n{table}\n\nagent / HTTP: **{ratio:.2f}x** "
-            f"(target >= 0.95: {'met' if ratio >= 0.95 else 'missed'}). The agents are started first and "
-            f"all begin their calls at one agreed moment, as the HTTP clients do.\n")
+    med = statistics.median
+    rows = [["16 agents, agent.chat, confined", ", ".join(f"{x:.1f}" for x in a), f"{med(a):.1f}"]]
+    if u:
+        rows.append(["16 agents, agent.chat, unconfined", ", ".join(f"{x:.1f}" for x in u), f"{med(u):.1f}"])
+    rows.append(["16 threads, OpenAI HTTP", ", ".join(f"{x:.1f}" for x in b), f"{med(b):.1f}"])
+    ratio = med(a) / med(b)
+    jail = (f" Confined / unconfined: **{med(a) / med(u):.2f}x** (target >= 0.95: "
+            f"{'met' if med(a) / med(u) >= 0.95 else 'missed'})." if u else "")
+    return (f"### 1. LLM system calls: confined, unconfined, and the OpenAI HTTP API\n\n"
+            f"{markdown_table(['client', 'output tok/s (runs)', 'median'], rows)}\n\n"
+            f"Confined agents / HTTP: **{ratio:.2f}x** (target >= 0.95: {'met' if ratio >= 0.95 else 'missed'})."
+            f"{jail} The two agent servers are alike but for `[agents] confinement`; each run's agents are "
+            f"started first and all begin their calls at one agreed moment, as the HTTP clients do.\n")
 
 
 def part_messages(url: str, progs: dict, n: int = 500) -> str:
@@ -187,31 +198,54 @@ def part_messages(url: str, progs: dict, n: int = 500) -> str:
             f"{p50:.1f} ms, p99 **{p99:.1f} ms** (target <= 50: {'met' if p99 <= 50 else 'missed'}).\n")
 
 
-def part_spawn(url: str, progs: dict, n: int = 10) -> str:
-    c = Client(url)
-    lat = []
-    for _ in range(n):
+def part_spawn(url: str, progs: dict, n: int = 10, unconfined: str | None = None) -> str:
+    def first_call(at_url: str) -> float:
+        c = Client(at_url)
         t = time.time()
         pid = c.spawn(progs["hello"])
         c.wait(pid)
-        first = c.http.get("/v1/audit", params={"pid": pid, "limit": 1000}).json()["data"][0]["time"]
-        lat.append(first - t)
+        return c.http.get("/v1/audit", params={"pid": pid, "limit": 1000}).json()["data"][0]["time"] - t
 
-    def run(code: str) -> float:
+    lat, free = [], []
+    for _ in range(n):
+        lat.append(first_call(url))
+        if unconfined:
+            free.append(first_call(unconfined))
+
+    def run(argv: list[str]) -> float:
         ts = []
         for _ in range(5):
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
+            subprocess.run(argv, check=True)
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
-    bare, sdk = run("pass"), run("import llmos.agent")
+    bare, sdk = run([sys.executable, "-c", "pass"]), run([sys.executable, "-c", "import llmos.agent"])
+    jail_alone = run([sys.executable, "-c", JAIL_ALONE])
     p50 = statistics.median(lat) * 1000
-    return (f"### 3. Spawn to running\n\nFrom the HTTP spawn to the agent's first system call in the audit log, "
-            f"{n} agents one at a time: p50 **{p50:.0f} ms** (target <= 300: {'met' if p50 <= 300 else 'missed'}), "
-            f"max {max(lat) * 1000:.0f} ms. Made of: a bare `python -c pass` {bare * 1000:.0f} ms; "
-            f"`import llmos.agent` {sdk * 1000:.0f} ms in all; the rest is the spawn request itself (process "
-            f"table row, token, fork and exec), the launcher, and the first system call over the kernel's "
-            f"Unix socket.\n")
+    out = (f"### 3. Spawn to running\n\nFrom the HTTP spawn to the agent's first system call in the audit log, "
+           f"{n} agents one at a time: confined p50 **{p50:.0f} ms** (target <= 300: "
+           f"{'met' if p50 <= 300 else 'missed'}), max {max(lat) * 1000:.0f} ms")
+    if free:
+        q50 = statistics.median(free) * 1000
+        out += (f"; unconfined (interleaved) p50 {q50:.0f} ms, max {max(free) * 1000:.0f} ms: confined / unconfined "
+                f"**{p50 / q50:.2f}x** (target <= 1.5: {'met' if p50 / q50 <= 1.5 else 'missed'})")
+    return out + (f". Made of: a bare `python -c pass` {bare * 1000:.0f} ms; `import llmos.agent` {sdk * 1000:.0f} "
+                  f"ms in all; the jail alone around an empty program (namespaces, mounts, binds, seccomp, init, "
+                  f"exec; measured from this process, so with one more interpreter start) {jail_alone * 1000:.0f} "
+                  f"ms; the rest is the spawn request itself (process table row, token), the launcher, and the "
+                  f"first system call over the kernel's Unix socket.\n")
+
+
+# The jail around `python -I -S -c pass`, as the supervisor starts it, until it has exited.
+JAIL_ALONE = """
+import subprocess
+from llmos.kernel import jail
+plan = jail.Plan(argv=[jail.python_in_jail(), "-I", "-S", "-c", "pass"], cwd="/tmp", env=jail.runtime_env(),
+                 binds=jail.runtime_binds(with_llmos=True), uid=200000, gid=200000)
+s = jail.start(plan, stdout=None, stderr=None)
+list(jail.read_events(s.events))
+assert s.popen.wait() == 0
+"""
 
 
 def part_recovery(progs: dict, home: Path, k: int = 4, msgs: int = 100) -> str:
@@ -282,14 +316,20 @@ def main() -> None:
         progs = write_programs(tmp)
         want = (lambda n: args.only in (None, n))
         if any(want(n) for n in (1, 2, 3)):
-            s = LocalServer(tmp / "main", engine={"kv_cache_memory": "1GiB", "max_num_seqs": 64})
+            engine = {"kv_cache_memory": "1GiB", "max_num_seqs": 64}
+            s = LocalServer(tmp / "main", engine=engine)
+            free = LocalServer(tmp / "unconfined", engine=engine, agents={"confinement": "none"}) \
+                if want(1) or want(3) else None
             try:
                 for n, part in ((1, part_llm), (2, part_messages), (3, part_spawn)):
                     if want(n):
-                        out.append(part(s.url, progs))
+                        kw = {"unconfined": free.url} if n in (1, 3) else {}
+                        out.append(part(s.url, progs, **kw))
                         print(out[-1], flush=True)
             finally:
                 s.stop()
+                if free is not None:
+                    free.stop()
         if want(4):
             out.append(part_recovery(progs, tmp / "recovery"))
             print(out[-1], flush=True)

@@ -115,7 +115,7 @@ class LocalServer:
     can take over after the first is killed)."""
 
     def __init__(self, home: Path, engine: dict | None = None, server: dict | None = None,
-                 cluster: dict | None = None, env: dict | None = None) -> None:
+                 cluster: dict | None = None, env: dict | None = None, agents: dict | None = None) -> None:
         import json
         import socket
         import subprocess
@@ -129,7 +129,8 @@ class LocalServer:
         sets = {"server.keys_db": str(self.home / "keys.db"), "server.agents_dir": str(self.home / "agents"),
                 "server.log_level": "warning", **{f"engine.{k}": v for k, v in (engine or {}).items()},
                 **{f"server.{k}": v for k, v in (server or {}).items()},
-                **{f"cluster.{k}": v for k, v in (cluster or {}).items()}}
+                **{f"cluster.{k}": v for k, v in (cluster or {}).items()},
+                **{f"agents.{k}": v for k, v in (agents or {}).items()}}
         cmd = [sys.executable, "-m", "llmos.cli", "serve", "--no-auth", "--port", str(self.port)]
         for k, v in sets.items():
             cmd += ["--set", f"{k}={json.dumps(v)}"]

@@ -37,7 +37,7 @@ def test_parse_accepts_the_vocabulary_canonicalises_paths_and_drops_duplicates()
     ("llm", "list"),                          # a bare string, not a list
     (["llm", ""], "''"),
     (["llm", 3], "3"),
-    (["net"], "'net'"),
+    (["network"], "'network'"),
     (["msg:recv"], "'msg:recv'"),             # granted only through other msg capabilities
     (["fs:read"], "'fs:read'"),
     (["fs:read:"], "'fs:read:'"),

@@ -127,7 +127,7 @@ def test_environment_is_clean(sup, script, tmp_path, monkeypatch):
     env = json.loads(sup.read_log(p.pid))
     # LC_CTYPE only appears if Python itself coerces a C locale (PEP 538).
     assert set(env) - {"LC_CTYPE"} <= {"PATH", "HOME", "LANG", "TMPDIR", "LLMOS_URL", "LLMOS_PID",
-                                       "LLMOS_NAME", "LLMOS_TOKEN", "LLMOS_TENANT"}
+                                       "LLMOS_NAME", "LLMOS_TOKEN", "LLMOS_TENANT", "LLMOS_RESTARTS"}
     assert env["LLMOS_PID"] == str(p.pid) and env["LLMOS_NAME"] == "envy" and env["LLMOS_TENANT"] == "acme"
     assert env["LLMOS_URL"] == "http://kernel.test" and env["PATH"] == os.environ["PATH"]
 

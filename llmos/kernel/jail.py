@@ -20,8 +20,9 @@ kernel) with a plan in JSON. The jail:
   the filter's notifications (the call fails with EPERM and init reports it) and exits
   with the program; then the namespace and everything left in it dies.
 
-The seccomp filter (libseccomp through `pyseccomp`, a maintained ctypes binding whose API
-is that of libseccomp's own Python module, which PyPI does not carry) refuses the calls
+The seccomp filter (compiled by libseccomp through `pyseccomp`, a maintained ctypes binding
+whose API is that of libseccomp's own Python module, which PyPI does not carry; the jail
+loads the compiled program and imports no binding) refuses the calls
 that widen the kernel surface or reach other processes: ptrace, mount and friends,
 namespaces, bpf, perf_event_open, kexec, modules, keyrings, process_vm_*, setsid/setpgid
 (a process that leaves its group would escape suspend and kill by group). Refused calls go
@@ -31,7 +32,7 @@ falls back to `clone`, whose namespace flags the filter does see.
 
 Events flow to llmos on a pipe that only init holds (the program's process closes it before
 it runs): one JSON object a line, {"features": {...}} once confinement is in place,
-{"seccomp": "mount", "pid": N} per refused call, {"exit": code} at the end (negative: the
+{"seccomp": 165, "pid": N} per refused call (its number), {"exit": code} at the end (negative: the
 signal that ended the program). With `strict` (agents) any part of the confinement the OS
 refuses stops the run with an error that names it; without it (the python tool) the run
 degrades and the features say what was applied.
@@ -44,6 +45,7 @@ process limit counts every process of the tenant's uid.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
@@ -51,6 +53,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass, field
 
 from llmos.errors import LLMOSError
@@ -137,8 +140,7 @@ def start(plan: Plan, *, stdout, stderr, cwd: str | None = None, before=None) ->
     a cgroup before it forks)."""
     r, w = os.pipe()
     os.set_inheritable(w, True)
-    spec = {**plan.__dict__, "events_fd": w, "seccomp_path": _seccomp_path() if plan.seccomp else None,
-            "denied": DENIED_SYSCALLS, "namespace_flags": NAMESPACE_FLAGS}
+    spec = {**plan.__dict__, "events_fd": w, "filters": seccomp_filters() if plan.seccomp else None}
     env = {"PATH": os.defpath, "LANG": "C.UTF-8"}
     if "LD_LIBRARY_PATH" in os.environ:
         env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
@@ -181,13 +183,45 @@ def read_events(fd: int):
 
 
 @functools.cache
-def _seccomp_path() -> str | None:
-    """The directory pyseccomp is imported from, for the jail's isolated interpreter."""
+def seccomp_filters() -> dict[str, str] | None:
+    """The filter, compiled once by libseccomp (through pyseccomp) into BPF programs, as hex:
+    "notify" (refusals go to a listener) and "errno" (plain EPERM, for kernels without
+    listeners). The jail only loads one, so it imports no binding: that saves most of the
+    jail's own start-up. None when libseccomp is missing."""
     try:
-        import pyseccomp
-    except ImportError:
+        import pyseccomp as sc
+    except (ImportError, OSError, RuntimeError):
         return None
-    return os.path.dirname(os.path.realpath(pyseccomp.__file__))
+
+    def compiled(action: int) -> str:
+        f = sc.SyscallFilter(sc.ALLOW)
+        for name in DENIED_SYSCALLS:
+            try:
+                f.add_rule(action, name)
+            except (OSError, ValueError, RuntimeError):
+                pass                                    # a call this architecture does not have
+        for flag in NAMESPACE_FLAGS:
+            f.add_rule(action, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        with tempfile.TemporaryFile() as out:
+            f.export_bpf(out)
+            out.seek(0)
+            return out.read().hex()
+    filters = {"errno": compiled(sc.ERRNO(errno.EPERM))}
+    try:
+        filters["notify"] = compiled(sc.NOTIFY)
+    except OSError:
+        pass                                            # this kernel has no user notification
+    return filters
+
+
+def syscall_name(nr: int) -> str:
+    """The native architecture's name for system call `nr`, as libseccomp knows it."""
+    try:
+        import pyseccomp as sc
+        return sc.resolve_syscall(sc.Arch.NATIVE, nr).decode()
+    except Exception:
+        return str(nr)
 
 
 @functools.cache
@@ -214,21 +248,12 @@ def _jail_main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     try:
-        seccomp = None
-        if plan["seccomp_path"]:
-            sys.path.insert(0, plan["seccomp_path"])
-            try:
-                import pyseccomp as seccomp
-            except (ImportError, OSError) as e:
-                if plan["strict"]:
-                    raise PermissionError(f"seccomp is not available: {e}") from None
-        elif plan["seccomp"] and plan["strict"]:
-            raise PermissionError("seccomp is not available: the pyseccomp package is not installed")
+        if plan["filters"] is None and plan["seccomp"] and plan["strict"]:
+            raise PermissionError("seccomp is not available: libseccomp or the pyseccomp package is missing")
         features, layout = _jail_isolate(plan)
-        features["seccomp"] = "off" if seccomp is None else "on"
         init = os.fork()
         if init == 0:
-            _jail_init(plan, features, layout, seccomp)
+            _jail_init(plan, features, layout)
         _, status = os.waitpid(init, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
@@ -368,7 +393,7 @@ def _jail_hide(paths: list, libc: dict) -> None:
             libc["mount"](b"/dev/null", path.encode(), None, MS_BIND, None)
 
 
-def _jail_init(plan: dict, features: dict, layout: dict, seccomp) -> None:
+def _jail_init(plan: dict, features: dict, layout: dict) -> None:
     """PID 1 of the new namespace: mount its /proc, report the features, start the program,
     answer its filter's notifications, and reap orphans until the program exits."""
     import json
@@ -398,7 +423,7 @@ def _jail_init(plan: dict, features: dict, layout: dict, seccomp) -> None:
         user = os.fork()
         if user == 0:
             ours.close()
-            _jail_exec(plan, seccomp, theirs, libc)
+            _jail_exec(plan, theirs, libc)
         theirs.close()
         try:
             said, fds, _, _ = socket.recv_fds(ours, 16, 1)
@@ -439,7 +464,6 @@ def _jail_notify(fd: int, report) -> None:
     class Resp(ctypes.Structure):
         _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
                     ("flags", ctypes.c_uint32)]
-    lib.seccomp_syscall_resolve_num_arch.restype = ctypes.c_void_p
     req, resp = ctypes.POINTER(Notif)(), ctypes.POINTER(Resp)()
     if lib.seccomp_notify_alloc(ctypes.byref(req), ctypes.byref(resp)) != 0:
         os.close(fd)                                   # refused calls then fail with ENOSYS
@@ -455,12 +479,10 @@ def _jail_notify(fd: int, report) -> None:
         resp.contents.id, resp.contents.val, resp.contents.error, resp.contents.flags = req.contents.id, 0, \
             -errno.EPERM, 0
         lib.seccomp_notify_respond(fd, resp)           # ENOENT: the caller died meanwhile
-        name = lib.seccomp_syscall_resolve_num_arch(req.contents.data.arch, req.contents.data.nr)
-        report({"seccomp": ctypes.string_at(name).decode() if name else str(req.contents.data.nr),
-                "pid": req.contents.pid})
+        report({"seccomp": req.contents.data.nr, "pid": req.contents.pid})
 
 
-def _jail_exec(plan: dict, seccomp, channel, libc: dict) -> None:
+def _jail_exec(plan: dict, channel, libc: dict) -> None:
     """The program's process: limits, its uid, no_new_privs, the filter, then execve."""
     import os
     import resource
@@ -486,8 +508,8 @@ def _jail_exec(plan: dict, seccomp, channel, libc: dict) -> None:
             raise PermissionError(f"uid {os.getuid()} may not read the program's directory (bound at "
                                   f"{plan['cwd']}): make it readable by others (chmod o+rx), or store the "
                                   f"program in the tenant's storage") from None
-        if seccomp is not None:
-            _jail_seccomp(plan, seccomp, channel)
+        if plan["filters"] is not None:
+            _jail_seccomp(plan["filters"], channel)
         else:
             channel.sendall(b"o")
         channel.close()
@@ -498,35 +520,33 @@ def _jail_exec(plan: dict, seccomp, channel, libc: dict) -> None:
         os._exit(125)
 
 
-def _jail_seccomp(plan: dict, seccomp, channel) -> None:
-    """Load the filter; with a notification listener, hand its fd to init and keep none."""
+def _jail_seccomp(filters: dict, channel) -> None:
+    """Load the compiled filter; with a notification listener, hand its fd to init and
+    keep none."""
     import ctypes
-    import errno
     import os
     import socket
 
-    def build(action):
-        f = seccomp.SyscallFilter(seccomp.ALLOW)
-        for name in plan["denied"]:
-            try:
-                f.add_rule(action, name)
-            except (OSError, ValueError, RuntimeError):
-                pass                                    # a call this architecture does not have
-        for flag in plan["namespace_flags"]:
-            f.add_rule(action, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
-        f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-        return f
-    notify_fd = ctypes.CDLL("libseccomp.so.2").seccomp_notify_fd
-    notify_fd.argtypes = [ctypes.c_void_p]
-    try:
-        f = build(seccomp.NOTIFY)
-        f.load()
-    except OSError:                                     # no user notification in this kernel
-        build(seccomp.ERRNO(errno.EPERM)).load()
-        channel.sendall(b"e")
-        return
-    fd = notify_fd(f._filter)      # pyseccomp has no accessor for the listener of a loaded filter
-    if fd < 0:
-        raise OSError(-fd, f"seccomp listener: {os.strerror(-fd)}")
-    socket.send_fds(channel, [b"n"], [fd])
-    os.close(fd)
+    class Program(ctypes.Structure):            # struct sock_fprog
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def load(code: str, flags: int) -> int:
+        bpf = ctypes.create_string_buffer(bytes.fromhex(code))
+        prog = Program(len(bpf.raw) // 8, ctypes.addressof(bpf))
+        # seccomp(SECCOMP_SET_MODE_FILTER, flags, &prog); a listener's fd is the result
+        fd = libc.syscall(317, 1, flags, ctypes.byref(prog))
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"seccomp: {os.strerror(ctypes.get_errno())}")
+        return fd
+    if "notify" in filters:
+        try:
+            fd = load(filters["notify"], 1 << 3)   # SECCOMP_FILTER_FLAG_NEW_LISTENER
+        except OSError:
+            pass
+        else:
+            socket.send_fds(channel, [b"n"], [fd])
+            os.close(fd)
+            return
+    load(filters["errno"], 0)
+    channel.sendall(b"e")

@@ -425,8 +425,11 @@ class ProcessTable:
         never reused: what its agents' uid is made from."""
         _text("tenant", tenant)
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO tenants (tenant) VALUES (?)", (tenant,))
-            return self._db.execute("SELECT id FROM tenants WHERE tenant = ?", (tenant,)).fetchone()[0]
+            row = self._db.execute("SELECT id FROM tenants WHERE tenant = ?", (tenant,)).fetchone()
+            if row is None:           # a write only the first time: this runs at every spawn
+                self._db.execute("INSERT OR IGNORE INTO tenants (tenant) VALUES (?)", (tenant,))
+                row = self._db.execute("SELECT id FROM tenants WHERE tenant = ?", (tenant,)).fetchone()
+            return row[0]
 
     def issue_token(self, pid: int) -> str:
         """A new secret for the process to prove who it is; only its hash is kept, and issuing

@@ -440,8 +440,8 @@ class Supervisor:
                 if "features" in event:
                     run.features = event["features"]
                     run.ready.set()
-                elif "seccomp" in event:
-                    self._call(self.on_violation, pid, str(event["seccomp"])[:64])
+                elif isinstance(event.get("seccomp"), int):
+                    self._call(self.on_violation, pid, jail.syscall_name(event["seccomp"]))
                 elif isinstance(event.get("exit"), int):
                     run.exit_code = event["exit"]
         finally:
