@@ -360,7 +360,7 @@ def test_intrusion_detection_suspends_a_prober_and_blocks_bad_keys(srv, tmp_path
     srv.http().post(f"/v1/processes/{proc['pid']}/kill")
     bad = httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer sk-llmos-wrong"})
     codes = [bad.get("/v1/models").status_code for _ in range(12)]
-    assert codes[0] == 401 and codes[-1] == 429      # loopback is now refused: this test runs last
+    assert codes[0] == 401 and codes[-1] == 429      # bad keys from loopback are refused now (valid keys are still served)
 
 
 def test_kernel_sigkill_loses_no_message_and_restarts_always_agents(tmp_path, default_model_path):
