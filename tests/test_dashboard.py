@@ -310,6 +310,7 @@ AGENT_CHILD = """
 
 
 def test_processes_tab_steers_agents_and_filters_the_audit_log(ui, dash, tmp_path):
+    tmp_path.chmod(0o755)             # the jailed agents run as their tenant's uid
     (tmp_path / "parent.py").write_text(textwrap.dedent(AGENT_PARENT))
     (tmp_path / "child.py").write_text(textwrap.dedent(AGENT_CHILD))
     with dash.http() as http:
@@ -319,6 +320,9 @@ def test_processes_tab_steers_agents_and_filters_the_audit_log(ui, dash, tmp_pat
     page = ui.open(dash.admin_key, tab="processes")
     prow = page.locator(f'#ps-body tr[data-pid="{parent}"]')
     expect(prow).to_be_visible()
+    expect(prow.locator("td").nth(12)).to_have_text("jail/rlimits")     # how it is confined
+    expect(page.locator("#ps-confinement")).to_have_text(re.compile("agents confined"))
+    expect(page.locator("#ps-unconfined")).to_be_hidden()
     child_row = page.locator("#ps-body tr", has=page.locator("td", has_text="painter"))
     expect(child_row).to_be_visible(timeout=20_000)
     child = int(child_row.get_attribute("data-pid"))

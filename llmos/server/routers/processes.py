@@ -72,7 +72,7 @@ def _visible(state: ServerState, principal: Principal, pid: int) -> Process:
     return proc
 
 
-@router.post("/v1/processes", status_code=201, responses=errors(400, 401, 403, 409))
+@router.post("/v1/processes", status_code=201, responses=errors(400, 401, 403, 404, 409, 503))
 async def spawn(body: SpawnRequest, principal: Principal = Depends(authenticate),
                 state: ServerState = Depends(get_state)) -> dict:
     """Start an agent as an OS process; returns its process table row (with `pid`)."""

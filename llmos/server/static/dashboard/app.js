@@ -809,7 +809,7 @@
     const tr = el("tr", { "data-pid": String(pid) }, td("pid", "num"), td("name"), td("tenant"),
       cells.state = el("td", {}, el("span", { class: "state" })), td("priority", "num"), td("weight", "num"),
       td("tokens", "num"), td("syscalls", "num"), td("mailbox", "num"), td("cpu", "num"), td("rss", "num"), td("limits"),
-      el("td", {}, el("div", { class: "actions" }, logs, buttons.suspend, buttons.resume, buttons.kill, prio, weight, renice), err));
+      td("confinement"), el("td", {}, el("div", { class: "actions" }, logs, buttons.suspend, buttons.resume, buttons.kill, prio, weight, renice), err));
     return { tr, cells, err, prio, weight, buttons };
   }
 
@@ -841,6 +841,7 @@
       setText(r.cells.cpu, (p.cpu_seconds || 0).toFixed(1));
       setText(r.cells.rss, p.peak_rss ? fmtBytes(p.peak_rss) : "–");
       setText(r.cells.limits, limitsText(p.limits));
+      setText(r.cells.confinement, p.confinement || "–");
       r.buttons.kill.disabled = !live;
       r.buttons.suspend.disabled = !live || p.state === "suspended";
       r.buttons.resume.disabled = p.state !== "suspended";
@@ -851,6 +852,16 @@
     for (const [pid, r] of psRows) if (!seen.has(pid)) { r.tr.remove(); psRows.delete(pid); }
     $("ps-empty").hidden = data.data.length > 0;
     setText($("ps-count"), `${data.data.length} processes`);
+    refreshConfinement();
+  }
+
+  async function refreshConfinement() {
+    let agents;
+    try { agents = (await api("/v1/kernel/stats")).agents; } catch (e) { return; }
+    if (!agents) return;
+    const none = agents.confinement === "none";
+    $("ps-unconfined").hidden = !none;
+    setText($("ps-confinement"), none ? "agents unconfined" : `agents confined (jail, limits: ${agents.limits})`);
   }
 
   function openLogs(pid) {
