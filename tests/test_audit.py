@@ -3,15 +3,18 @@ and intrusion detection on its stream (llmos.kernel.intrusion)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
 
 import pytest
 
-from llmos.errors import InvalidRequestError
+from llmos.errors import InvalidRequestError, LLMOSError
 from llmos.kernel.audit import AuditLog, digest
 from llmos.kernel.intrusion import IntrusionDetector
 
@@ -36,6 +39,7 @@ def busy_log(paths, n: int = 10) -> AuditLog:
     for rid in reversed(ids[:-2]):
         log.finish(rid, "PermissionError" if rid == 4 else "ok", 0.25)
     log.finish(ids[-2], "ok", 1)
+    log.flush()                    # on disk, where an intruder finds it
     return log
 
 
@@ -116,7 +120,7 @@ def test_removed_record_is_named(paths):
 def test_removed_newest_record_is_named(paths):
     log = busy_log(paths)
     tamper(paths[0], "DELETE FROM audit WHERE id = 10")
-    assert log.verify().problem == "record 10 is missing"
+    assert log.verify().problem == "record 10 is missing from the end of the log (the signed head says 10)"
 
 
 def test_erased_result_is_named(paths):
@@ -180,6 +184,180 @@ def test_concurrent_syscalls_keep_one_chain(paths):
     assert log.count() == 400 and [r.id for r in log.query()] == list(range(1, 401))
     assert len(log.query(denied=True)) == 40
     assert log.verify().ok
+
+
+def closed_log(paths, n: int) -> None:
+    """A kernel that logged n calls and shut down."""
+    log = AuditLog(*paths)
+    for i in range(n):
+        log.finish(log.begin(1, "acme", "msg.send", {"i": i}, allowed=True), "ok", 0.001)
+    log.close()
+
+
+def test_rows_cut_off_while_no_kernel_runs_are_named(paths):
+    closed_log(paths, 57)
+    tamper(paths[0], "DELETE FROM audit WHERE id > 40")
+    log = AuditLog(*paths)
+    result = log.verify()
+    assert (result.ok, result.checked, result.first_bad, result.problem) == \
+        (False, 40, 41, "records 41-57 are missing from the end of the log (the signed head says 57)")
+    rid = log.begin(1, "acme", "fs.read", {}, allowed=True)   # the kernel goes on after the signed head,
+    log.finish(rid, "ok", 0.1)                                 # so the cut stays a gap
+    log.close()
+    assert rid == 58
+    for _ in range(2):
+        assert AuditLog(*paths).verify().problem == "records 41-57 are missing"
+
+
+def test_a_single_newest_row_cut_off_is_named(paths):
+    closed_log(paths, 3)
+    tamper(paths[0], "DELETE FROM audit WHERE id = 3")
+    result = AuditLog(*paths).verify()
+    assert (result.first_bad, result.problem) == \
+        (3, "record 3 is missing from the end of the log (the signed head says 3)")
+
+
+def test_a_cut_off_result_is_named(paths):
+    closed_log(paths, 3)
+    tamper(paths[0], "UPDATE audit SET done_seq = NULL, outcome = NULL, duration = NULL, done_hash = NULL "
+                     "WHERE id = 3")
+    result = AuditLog(*paths).verify()
+    assert (result.ok, result.first_bad, result.problem) == \
+        (False, 3, "record 3 was altered: its result (event 6) was removed")
+
+
+def head_path(paths):
+    return paths[0].with_suffix(".head")
+
+
+@pytest.mark.parametrize("forge", [
+    lambda head: {**head, "last_id": 40, "last_seq": 80},           # lowered to match a cut
+    lambda head: {**head, "mac": "0" * 64},
+    lambda head: "not a head",
+])
+def test_altered_head_is_reported_after_every_start(paths, forge):
+    closed_log(paths, 57)
+    path = head_path(paths)
+    path.write_text(json.dumps(forge(json.loads(path.read_text()))))
+    tamper(paths[0], "DELETE FROM audit WHERE id > 40")
+    for _ in range(3):                            # each start signs a new head: the problem goes with it
+        log = AuditLog(*paths)
+        result = log.verify()
+        assert (result.ok, result.first_bad, result.problem) == (False, None, "the signed head audit.head was altered")
+        log.finish(log.begin(1, "acme", "fs.read", {}, allowed=True), "ok", 0.1)
+        log.close()
+
+
+def test_missing_head_is_reported_unless_the_log_is_empty(paths):
+    log = AuditLog(*paths)
+    assert not head_path(paths).exists() and log.verify().ok
+    log.close()
+    closed_log(paths, 5)
+    head_path(paths).unlink()
+    for _ in range(2):
+        result = AuditLog(*paths).verify()
+        assert (result.ok, result.first_bad, result.problem) == (False, None, "the signed head audit.head is missing")
+
+
+def test_head_is_signed_after_each_batch(paths):
+    closed_log(paths, 5)
+    head = json.loads(head_path(paths).read_text())
+    assert (head["last_id"], head["last_seq"], head["problem"]) == (5, 10, None)
+    result = AuditLog(*paths).verify()
+    assert (result.ok, result.checked) == (True, 5)
+
+
+def test_query_count_and_verify_see_what_was_just_logged(paths):
+    log = AuditLog(*paths, interval=3600)         # the flusher would not come round during the test
+    rid = log.begin(7, "acme", "fs.write", {"path": "a"}, allowed=True)
+    assert [r.id for r in log.query()] == [rid] and log.query()[0].outcome is None
+    log.finish(rid, "ok", 0.1)
+    assert log.query(pid=7)[0].outcome == "ok" and log.count() == 1
+    log.begin(7, "acme", "fs.read", {}, allowed=False, reason="missing capability fs.read")
+    assert log.verify() == type(log.verify())(True, 2, None, None)
+
+
+def test_closed_log_writes_everything_out_and_takes_no_more(paths):
+    log = AuditLog(*paths, interval=3600)
+    rids = [log.begin(1, "acme", "kv.put", {"i": i}, allowed=True) for i in range(5)]
+    log.finish(rids[0], "ok", 0.1)
+    log.close()
+    with pytest.raises(LLMOSError, match="closed"):
+        log.begin(1, "acme", "kv.put", {}, allowed=True)
+    reopened = AuditLog(*paths)
+    assert reopened.count() == 5 and reopened.verify().ok
+    reopened.finish(rids[1], "ok", 0.2)                   # begun before the shutdown
+    assert reopened.verify().ok
+
+
+def test_crash_loses_the_last_batch_without_looking_tampered(paths):
+    """A kernel killed between batches: what it had not written yet is gone, and that is no cut tail."""
+    code = f"""if True:
+        import os
+        from llmos.kernel.audit import AuditLog
+        log = AuditLog({str(paths[0])!r}, {str(paths[1])!r}, interval=3600)
+        for i in range(4):
+            log.finish(log.begin(1, "acme", "kv.put", {{"i": i}}, allowed=True), "ok", 0.1)
+        log.flush()
+        log.begin(1, "acme", "kv.put", {{}}, allowed=True)
+        os._exit(9)"""
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    log = AuditLog(*paths)
+    assert log.verify() == type(log.verify())(True, 4, None, None)
+    assert log.begin(1, "acme", "kv.put", {}, allowed=True) == 5
+
+
+@pytest.mark.parametrize("max_batch", [1000, 7])
+def test_group_commit_keeps_one_exact_chain_under_concurrent_writers(paths, max_batch):
+    log = AuditLog(*paths, interval=0.002, max_batch=max_batch)
+
+    def agent(pid):
+        for i in range(150):
+            rid = log.begin(pid, "acme", "msg.send", {"i": i}, allowed=True)
+            log.finish(rid, "ok", 0.001)
+
+    threads = [threading.Thread(target=agent, args=(pid,)) for pid in range(8)]
+    for t in threads:
+        t.start()
+    verdicts = [log.verify() for _ in range(3)]
+    for t in threads:
+        t.join()
+    log.close()
+    assert all(v.ok for v in verdicts), verdicts
+    with closing(sqlite3.connect(paths[0])) as db:
+        seqs = sorted(s for row in db.execute("SELECT seq, done_seq FROM audit") for s in row)
+    assert seqs == list(range(1, 2401))
+    head = json.loads(head_path(paths).read_text())
+    assert (head["last_id"], head["last_seq"]) == (1200, 2400)
+    result = AuditLog(*paths).verify()
+    assert (result.ok, result.checked) == (True, 1200)
+
+
+@pytest.mark.slow
+def test_cli_names_rows_cut_off_while_the_server_was_down(tmp_path, default_model_path):
+    """`llmos audit verify` against a real server that was stopped, had its newest audit rows
+    deleted, and was started again."""
+    from test_agents import AgentServer
+    srv = AgentServer(tmp_path)
+    try:
+        with srv.http() as http:
+            for i in range(5):
+                r = http.post("/v1/tools/calculator/call", json={"arguments": {"expression": f"{i} + 1"}})
+                assert r.status_code == 200, r.text
+        assert srv.cli("audit", "verify").returncode == 0
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()
+    db = srv.agents_dir / "audit.db"
+    with closing(sqlite3.connect(db)) as conn:
+        last = conn.execute("SELECT MAX(id) FROM audit").fetchone()[0]
+    tamper(db, "DELETE FROM audit WHERE id > ?", last - 3)
+    srv = AgentServer(tmp_path)
+    try:
+        r = srv.cli("audit", "verify", check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"first bad record {last - 2}: records {last - 2}-{last} are missing from the end of the log" in r.stdout
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()
 
 
 class FakeClock:

@@ -156,7 +156,7 @@ class AuditLog:
         self._calls: list[tuple] = []         # the queue: rows to insert, then results to set
         self._results: list[tuple] = []
         self._running: set[int] = set()       # begun by this kernel, result not yet logged
-        self._closed = False
+        self._closed = threading.Event()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -221,7 +221,7 @@ class AuditLog:
 
     def _queue(self, queue: list, write: tuple) -> bool:
         """Queue a write (holding the lock); True when the queue is full, for the caller to write out."""
-        if self._closed:
+        if self._closed.is_set():
             raise LLMOSError("the audit log is closed")
         if not (self._calls or self._results):
             self._wake.set()
@@ -229,16 +229,16 @@ class AuditLog:
         return len(self._calls) + len(self._results) >= self._max_batch
 
     def _flush_loop(self) -> None:
-        while not self._closed:
+        while not self._closed.is_set():
             self._wake.wait()
-            time.sleep(self._interval)          # let the batch gather
+            self._closed.wait(self._interval)   # let the batch gather
             self._wake.clear()
             try:
                 self.flush()
             except Exception:                   # e.g. disk full: the batch stays queued
                 log.exception("writing the audit log failed; retrying in a second")
                 self._wake.set()
-                time.sleep(1.0)
+                self._closed.wait(1.0)
 
     def flush(self) -> None:
         """Write every record logged so far in one transaction, then sign the new head."""
@@ -266,7 +266,7 @@ class AuditLog:
     def close(self) -> None:
         """Write out what is still queued and stop the flusher; the log takes no more records."""
         with self._lock:
-            self._closed = True
+            self._closed.set()
         self._wake.set()
         self._flusher.join()
         self.flush()
