@@ -219,10 +219,10 @@ class AgentKernel:
 
     def confinement_summary(self) -> dict:
         """How agents are confined, for the kernel's stats: {"confinement": "jail" | "none",
-        "limits": "cgroup" | "rlimits" | None}."""
+        "limits": "rlimits" | None}; cgroup limits are not built yet."""
         if self.confinement is None:
             return {"confinement": "none", "limits": None}
-        return {"confinement": "jail", "limits": "cgroup" if self.supervisor.cgroups is not None else "rlimits"}
+        return {"confinement": "jail", "limits": "rlimits"}
 
     def _violation(self, pid: int, syscall: str) -> None:
         """A call the jail's filter refused: audited as a denied system call, and counted by

@@ -39,7 +39,7 @@ degrades and the features say what was applied.
 
 What the jail does not protect against: kernel bugs (the program shares the host kernel),
 CPU side channels, reading world-readable host files outside the hidden paths (the system,
-the llmos source, /sys), and, when limits are rlimits rather than a cgroup, totals: the
+the llmos source, /sys), and resource totals (limits are rlimits, not a cgroup yet): the
 process limit counts every process of the tenant's uid.
 """
 
@@ -134,11 +134,9 @@ def runtime_env() -> dict[str, str]:
             "TMPDIR": "/tmp", "HOME": "/tmp"}
 
 
-def start(plan: Plan, *, stdout, stderr, cwd: str | None = None, before=None) -> Started:
+def start(plan: Plan, *, stdout, stderr, cwd: str | None = None) -> Started:
     """Starts the jail on `plan`; the caller reads `events` and reaps `popen`. The plan goes
-    in on stdin (it holds the process's token, and a command line is readable by every
-    user); `before(pid)` runs first, while the jail still waits for it (e.g. to move it into
-    a cgroup before it forks)."""
+    in on stdin: it holds the process's token, and a command line is readable by every user."""
     r, w = os.pipe()
     os.set_inheritable(w, True)
     spec = {**plan.__dict__, "events_fd": w, "filters": seccomp_filters() if plan.seccomp else None}
@@ -155,8 +153,6 @@ def start(plan: Plan, *, stdout, stderr, cwd: str | None = None, before=None) ->
     finally:
         os.close(w)
     try:
-        if before is not None:
-            before(popen.pid)
         with popen.stdin:
             popen.stdin.write(marshal.dumps(spec))
     except BrokenPipeError:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
 
 
-# The last line of a jailed run's log that shows which of its rlimits it hit (a cgroup says so itself).
+# The last line of a jailed run's log that shows which of its rlimits it hit.
 _LIMIT_MARKERS = (("MemoryError", "max_memory"), ("[Errno 11] Resource temporarily unavailable", "max_pids"),
                   ("can't start new thread", "max_pids"), ("[Errno 28]", "max_scratch"), ("[Errno 27]", "max_scratch"))
 _LIMIT_REASONS = {"max_memory", "max_pids", "max_scratch"}
@@ -118,7 +118,6 @@ class _Run:
     ready: threading.Event = field(default_factory=threading.Event)
     exit_code: int | None = None         # the program's own status, as the jail's init saw it
     listener: threading.Thread | None = None
-    cgroup: object = None                # its cgroup, when limits are a cgroup's
 
     @property
     def os_pid(self) -> int:
@@ -141,7 +140,7 @@ class Supervisor:
     def __init__(self, table: ProcessTable, home: Path, *, launcher: Callable[[Process], list[str] | jail.Plan],
                  env: dict[str, str], on_exit: Callable[[Process], None] | None = None,
                  on_suspend: Callable[[int], None] | None = None, on_resume: Callable[[int], None] | None = None,
-                 on_violation: Callable[[int, str], None] | None = None, cgroups=None,
+                 on_violation: Callable[[int, str], None] | None = None,
                  log_cap: int = 1 << 20, kill_grace: float = 5.0, restart_backoff: tuple[float, float] = (0.1, 5.0),
                  max_restarts: int = 5, restart_window: float = 60.0) -> None:
         self.table = table
@@ -151,7 +150,6 @@ class Supervisor:
         self.env = dict(env)
         self.on_exit, self.on_suspend, self.on_resume = on_exit, on_suspend, on_resume
         self.on_violation = on_violation
-        self.cgroups = cgroups               # a jail cgroup tree, or None: limits are rlimits
         self.log_cap = log_cap
         self.kill_grace = kill_grace
         self.restart_backoff = restart_backoff
@@ -385,7 +383,7 @@ class Supervisor:
             self._set_rlimits(popen.pid, proc.limits)
             run.reader = self._start_pump(proc.pid, popen)
         stat = _proc_stat(run.os_pid)
-        confinement = "none" if not run.jailed else "jail/cgroup" if run.cgroup is not None else "jail/rlimits"
+        confinement = "jail/rlimits" if run.jailed else "none"
         proc = self.table.update(proc.pid, state=ProcessState.RUNNING, os_pid=run.os_pid,
                                  os_start=stat[1] if stat else None, started=time.time(), ended=None,
                                  exit_code=None, reason=None, restarts=restarts, confinement=confinement)
@@ -408,15 +406,8 @@ class Supervisor:
         """Starts the jail and waits until it says it is in place; a jail that could not
         confine the process fails the start with the jail's own words."""
         plan.env.update(identity)
-        cgroup = self.cgroups.create(proc.pid, proc.limits) if self.cgroups is not None else None
-        try:
-            started = jail.start(plan, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 before=cgroup.attach if cgroup is not None else None)
-        except BaseException:
-            if cgroup is not None:
-                cgroup.remove()
-            raise
-        run = _Run(started.popen, proc.limits, jailed=True, cgroup=cgroup)
+        started = jail.start(plan, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        run = _Run(started.popen, proc.limits, jailed=True)
         run.reader = self._start_pump(proc.pid, started.popen)
         run.listener = threading.Thread(target=self._listen, args=(proc.pid, run, started.events), daemon=True,
                                         name=f"llmos-jail-{proc.pid}")
@@ -426,8 +417,6 @@ class Supervisor:
         _signal_group(run.os_pid, signal.SIGKILL)
         run.popen.wait()
         run.reader.join(5.0)
-        if cgroup is not None:
-            cgroup.remove()
         said = [line for line in self._log(proc.pid).read(8192).decode(errors="replace").splitlines()
                 if line.startswith("llmos-jail: ")]
         raise jail.JailError(said[-1][len("llmos-jail: "):] if said else
@@ -509,9 +498,6 @@ class Supervisor:
             return ProcessState.FAILED, f"signal {sig}"
         if code == 0:
             return ProcessState.EXITED, "exit"
-        hit = run.cgroup.limit_hit() if run.cgroup is not None else None
-        if hit is not None:
-            return ProcessState.FAILED, hit
         tail = self._log(pid).read(4096)
         if run.jailed:
             last = tail.decode(errors="replace").rstrip().rsplit("\n", 1)[-1]
