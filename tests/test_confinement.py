@@ -113,8 +113,9 @@ def test_a_hostile_tenant_agent_reaches_nothing_but_its_own_system_calls(srv, tm
     for name in ("keys_db", "audit_key", "other_tenant_file"):
         assert Path(secrets[name]).exists(), name           # each is there on the host, for the server
     host_tmp = Path("/tmp") / f"llmos-confined-{uuid.uuid4().hex}"
+    host_file = Path("/var/lib") / f"llmos-confined-{uuid.uuid4().hex}.txt"    # outside every scratch area
     args = {"secrets": secrets, "dirs": {"agents": str(agents), "other_tenant": str(agents / "files/team-b")},
-            "host_file": str(ROOT / "confined-was-here.txt"), "host_tmp": str(host_tmp), "server_port": srv.port,
+            "host_file": str(host_file), "host_tmp": str(host_tmp), "server_port": srv.port,
             "listener_port": listener.getsockname()[1], "server_pid": srv.proc.pid, "other_pid": other_os_pid}
     with listener:
         proc, done, log = run(srv, srv.key_a, "evil/evil.py", HOSTILE, args=[json.dumps(args)])
@@ -127,7 +128,7 @@ def test_a_hostile_tenant_agent_reaches_nothing_but_its_own_system_calls(srv, tm
     for name in ("agents", "other_tenant"):
         assert out[f"list:{name}"][0] != "ok" or out[f"listing:{name}"] == [], (name, out)
     assert out["write:host"][0] in ("OSError", "PermissionError") and out["write:host"][1] in (13, 30), out
-    assert not (ROOT / "confined-was-here.txt").exists()
+    assert not host_file.exists()
     assert out["write:tmp"] == ["ok", None] and not host_tmp.exists()          # a private scratch
     assert out["write:program_dir"][1] in (13, 30)                              # its program is read-only
     assert out["tcp:server"][1] == 101 and out["tcp:listener"][1] == 101        # ENETUNREACH: no network
