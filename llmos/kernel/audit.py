@@ -18,23 +18,25 @@ Group commit: `begin` and `finish` extend the chain in memory, in order, under o
 queue the write; a flusher thread writes the queue a few milliseconds later as one SQLite
 transaction (at once when it holds `max_batch` events, and the call that filled it waits for
 that). A syscall thus no longer waits for a commit, and a kernel that crashes loses the
-records of its last few milliseconds: the call that took it down may be among them. `query`,
-`count` and `verify` write the queue out first, so they see everything logged before them;
-`close` writes the rest.
+records of its last few milliseconds, the call that took it down perhaps among them; as the
+head below is signed only after its batch commits, that loss is not taken for tampering.
+`query`, `count` and `verify` write the queue out first, so they see everything logged
+before them; `close` writes the rest.
 
 The head: after each batch commits, the chain's head (newest record id, newest event number,
 that event's hash) is signed with the same key into a file beside the database (`audit.head`,
 replaced atomically), so cutting off the newest rows while no kernel runs is seen too. A
 kernel opening the log holds the database to that head: `verify` names the rows cut off the
 end, and the kernel goes on numbering after the signed head, so they stay a gap that no later
-write heals. A head file that was altered, or is missing beside a non-empty database (as for
-a log from before head files), cannot be trusted: the kernel starts from the database's own
-head and writes the problem into every head it signs, so `verify` reports it after every
-later start too; to begin a new log, move audit.db and audit.head aside together. Not seen:
-both files removed (that is a new log), or an old copy of the head put back over a database
-cut to match it (keep a copy of the head, or of `count()`, elsewhere for that). Neither file
-is synced to disk per batch (synchronous=NORMAL), so a power failure, unlike a crash, can
-leave a head newer than the rows it signs, which then reads as a cut tail.
+write heals. A new log is signed as soon as it is opened, so a head missing beside a
+non-empty database was removed (or the log is from before head files). That, or an altered
+head, cannot be trusted: the kernel starts from the database's own head and writes the
+problem into every head it signs, so `verify` reports it after every later start too; to
+begin a new log, move audit.db and audit.head aside together. Not seen: both files removed
+(that is a new log), or an old copy of the head put back over a database cut to match it
+(keep a copy of the head, or of `count()`, elsewhere for that). Neither file is synced to
+disk per batch (synchronous=NORMAL), so a power failure, unlike a crash, can leave a head
+newer than the rows it signs, which then reads as a cut tail.
 
 One kernel writes a log at a time; anyone may read it (WAL: readers never block the writer,
 and `verify` reads a snapshot of its own so syscalls go on while it checks).
@@ -177,8 +179,8 @@ class AuditLog:
         self._last_id, self._seq, self._head = last_id, seq, h
         self._committed = Head(last_id, seq, h, time.time(), self._problem)   # verify's floor
         self._committed_running: frozenset[int] = frozenset()
-        if signed is None and seq:
-            self._write_head(self._committed)    # the problem now travels with every head
+        if signed is None:      # signed at once, so that a missing head means a removed one
+            self._write_head(self._committed)    # and its problem travels with every head after it
         self._wake = threading.Event()           # set when the queue gets its first write
         self._flusher = threading.Thread(target=self._flush_loop, name="llmos-audit-flush", daemon=True)
         self._flusher.start()

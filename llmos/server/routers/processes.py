@@ -194,7 +194,8 @@ async def audit(pid: int | None = None, denied: bool | None = None, call: str | 
 
 @router.get("/v1/audit/verify", responses=errors(400, 401, 403))
 async def verify(principal: Principal = Depends(require_admin), state: ServerState = Depends(get_state)) -> dict:
-    """Check the audit log's hash chain: names the first record altered or removed."""
+    """Check the audit log's hash chain and hold it to its signed head: names the first record
+    altered or removed, newest rows cut off included."""
     return dataclasses.asdict(await anyio.to_thread.run_sync(state.agents.audit.verify))
 
 
