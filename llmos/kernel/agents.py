@@ -189,15 +189,13 @@ class AgentKernel:
         c = self.confinement
         program, args = proc.argv[0], proc.argv[1:]
         binds = jail.runtime_binds(with_llmos=True)
-        if _is_entry_point(program):
-            target = program
-        else:
+        target, cwd = program, f"{jail.RUN_DIR}/cwd"
+        if not _is_entry_point(program):
             binds.append((os.path.dirname(program), jail.PROGRAM))
             target = f"{jail.PROGRAM}/{os.path.basename(program)}"
-        if not _is_entry_point(program) and proc.cwd == os.path.dirname(program):
-            cwd = jail.PROGRAM
-        else:
-            cwd = f"{jail.RUN_DIR}/cwd"
+            if proc.cwd == os.path.dirname(program):
+                cwd = jail.PROGRAM
+        if cwd != jail.PROGRAM:
             binds.append((proc.cwd, cwd))
         env = {**jail.runtime_env(), "LLMOS_URL": self.url}
         if self.socket is not None:
@@ -265,7 +263,7 @@ class AgentKernel:
         return proc
 
     def _from_storage(self, tenant: str, program: str) -> bool:
-        return not _is_entry_point(program) and _inside(program, self.storage.base(tenant))
+        return not _is_entry_point(program) and self.storage.holds(tenant, program)
 
     def _program(self, tenant: str, path, cwd, parent: Process | None, admin: bool) -> tuple[str, str]:
         """The program to run (a host file path, or module:function) and its directory,
@@ -633,11 +631,6 @@ def _is_entry_point(program: str) -> bool:
 def _looks_like_entry_point(path: str) -> bool:
     module, sep, func = path.partition(":")
     return bool(sep) and bool(func) and all(p.isidentifier() for p in module.split(".") + [func])
-
-
-def _inside(path: str, base: str) -> bool:
-    real = os.path.realpath(path)
-    return real == base or real.startswith(base + os.sep)
 
 
 def _choice(choice, tools) -> object:

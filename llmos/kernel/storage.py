@@ -211,6 +211,10 @@ class TenantStorage:
         """The real path of the tenant's directory."""
         return self._base(tenant)
 
+    def holds(self, tenant: str, host_path: str) -> bool:
+        """Whether a host path lies in the tenant's storage (symlinks resolved)."""
+        return _inside(os.path.realpath(host_path), self._base(tenant))
+
     # -- the sandbox -----------------------------------------------------------------------
     def _base(self, tenant: str) -> str:
         """The real path of the tenant's directory, made on first use."""
